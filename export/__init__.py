@@ -1,0 +1,1 @@
+"""Export: torch -> ONNX model bundles. Import submodules explicitly; this package stays torch-free on import."""
