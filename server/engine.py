@@ -1,0 +1,140 @@
+"""The engine both APIs call: model lookup, preprocessing off the event loop, one batcher per model.
+
+Why one layer under both APIs: mmkd.v1 and KServe v2 must give the same answers, batch together and count in the
+same metrics; they differ only in how they read requests and write responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+import numpy as np
+
+from server.batcher import DynamicBatcher
+from server.errors import NotReadyError, QueueFullError, ShuttingDownError
+from server.metrics import ServerMetrics
+from server.model import ModelRegistry, Prepared, ServedModel
+from server.settings import ServerSettings
+from server.status import status_for
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The logits row of one request and its server-side timings (seconds)."""
+
+    logits: np.ndarray  # (C,) float32
+    preprocess_s: float
+    queue_s: float
+    compute_s: float
+    total_s: float
+    batch_size: int
+
+
+class Engine:
+    """Owns the batchers and thread pools; created and closed inside the server's event loop."""
+
+    def __init__(self, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.models = ModelRegistry({})
+        self.metrics = metrics
+        self.loading = True  # until the server has loaded and warmed every model
+        self.closing = False
+        self._inflight = 0
+        self._preprocessing: dict[str, int] = {}  # per model: admitted, not yet in the batcher's queue
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="mmkd-pre")
+        self._compute: dict[str, ThreadPoolExecutor] = {}
+        self._batchers: dict[str, DynamicBatcher[Prepared, np.ndarray]] = {}
+
+    def add(self, model: ServedModel) -> None:
+        """Serve a loaded, warmed-up model (call inside the event loop: the batcher starts a task)."""
+        s = self.settings
+        pool = ThreadPoolExecutor(s.instances, thread_name_prefix=f"mmkd-ort-{model.name}")
+        self._compute[model.name] = pool
+        self._batchers[model.name] = DynamicBatcher(
+            model.run_batch, executor=pool, max_batch_size=s.max_batch_size,
+            max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
+            instances=s.instances, observer=self.metrics.observer(model.name))
+        self.models.add(model)
+
+    def model(self, name: str) -> ServedModel:
+        """The named model (ModelNotFoundError lists the served ones; NotReadyError while loading)."""
+        if self.loading and name not in self.models.names():
+            raise NotReadyError("models are still loading and warming up; retry when health reports SERVING")
+        return self.models.get(name)
+
+    async def infer(self, model: ServedModel, image: bytes, text: str, *, deadline: float | None = None,
+                    index: int | None = None) -> Answer:
+        """Preprocess in the thread pool, then wait for the batcher; raises InputError and ServerError types."""
+        if self.closing:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        batcher = self._batchers[model.name]
+        self._admit(model.name, batcher)
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        self._inflight += 1
+        self._idle.clear()
+        try:  # admitted requests are counted so that close() lets them finish before the batchers close
+            try:
+                prepared = await loop.run_in_executor(self._preprocess,
+                                                      lambda: model.prepare(image, text, index=index))
+            finally:
+                self._preprocessing[model.name] -= 1
+            result = await batcher.submit(prepared, deadline=deadline)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        return Answer(result.value, prepared.preprocess_s, result.queue_s, result.compute_s,
+                      time.monotonic() - start, result.batch_size)
+
+    def _admit(self, name: str, batcher: DynamicBatcher) -> None:
+        """Refuse before preprocessing when the queue is already full, so overload costs no decoding work and
+        no unbounded backlog builds up in the preprocessing pool."""
+        waiting = self._preprocessing.get(name, 0)
+        if waiting + batcher.depth >= self.settings.max_queue_size:
+            self.metrics.dropped.labels(name, "queue_full").inc()
+            raise QueueFullError(f"queue full ({self.settings.max_queue_size} requests waiting); retry with backoff")
+        self._preprocessing[name] = waiting + 1
+
+    @contextmanager
+    def track(self, model: str, api: str) -> Iterator[None]:
+        """Count one request in flight, then by outcome code; the caller maps exceptions to statuses."""
+        m = self.metrics
+        m.inflight.labels(model).inc()
+        start = time.monotonic()
+        code = "OK"
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException as exc:
+            code = status_for(exc)[0].name
+            raise
+        finally:
+            m.inflight.labels(model).dec()
+            m.requests.labels(model, api, code).inc()
+            m.request_seconds.labels(model, api).observe(time.monotonic() - start)
+
+    async def close(self) -> None:
+        """Refuse new requests, finish everything queued or running, then stop the thread pools."""
+        self.closing = True
+        await self._idle.wait()
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))
+        loop = asyncio.get_running_loop()
+        for pool in (*self._compute.values(), self._preprocess):
+            await loop.run_in_executor(None, pool.shutdown)
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The RPC's deadline as a time.monotonic() instant, or None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

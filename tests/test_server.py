@@ -1,0 +1,249 @@
+"""mmkd.v1 over real loopback gRPC: answers equal in-process ONNX Runtime, batching, streaming, every error
+class with its status code, backpressure and deadlines, several models side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.bundle import TextEncoder, load_bundle, preprocess_images
+from server._proto.mmkd.v1 import inference_pb2 as pb
+from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
+from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, settings_for
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build_repository(tmp_path_factory.mktemp("repo"), ("tiny", "tiny2"))
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with ServerThread(settings_for(repo, max_batch_size=16, max_queue_delay_ms=20, metrics_port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def reference_probs(bundle_dir, image: bytes, text: str) -> np.ndarray:
+    """The same request computed in-process, straight on ONNX Runtime with the bundle's preprocessing."""
+    bundle = load_bundle(bundle_dir)
+    pixels = preprocess_images([image], bundle.spec.preprocess)
+    ids, mask = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess).encode([text])
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})[0][0]
+    e = np.exp(logits.astype(np.float64) - logits.max())
+    return e / e.sum()
+
+
+def classify(stub, model="tiny", seed=0, text=QUESTIONS[0], **kw):
+    return stub.Classify(pb.ClassifyRequest(model=model, image=make_image(seed), text=text, **kw), timeout=10)
+
+
+def test_classify_equals_in_process_onnx_runtime(stub, repo):
+    for seed, text in enumerate(QUESTIONS):
+        response = classify(stub, seed=seed, text=text, top_k=3)
+        expected = reference_probs(repo / "tiny", make_image(seed), text)
+        np.testing.assert_allclose(response.probabilities, expected, atol=1e-5)
+        assert response.label == response.top[0].label
+        assert response.top[0].index == int(np.argmax(expected))
+        assert [s.label for s in response.top] == [("red", "green", "blue", "yes", "no")[i]
+                                                  for i in np.argsort(-expected, kind="stable")[:3]]
+        assert response.model == "tiny" and response.model_version == "1"
+        assert response.timings.total_ms > 0 and response.timings.batch_size >= 1
+
+
+def test_concurrent_requests_are_served_in_batches(stub, server):
+    before_sum = server.metric("mmkd_batch_size_sum", {"model": "tiny2"})
+    before_count = server.metric("mmkd_batch_size_count", {"model": "tiny2"})
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(classify, stub, "tiny2", i, QUESTIONS[i % 5]) for i in range(32)]
+        responses = [f.result() for f in futures]
+    assert all(r.model == "tiny2" for r in responses)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+    total = _sample(text, 'mmkd_batch_size_sum{model="tiny2"}') - before_sum
+    count = _sample(text, 'mmkd_batch_size_count{model="tiny2"}') - before_count
+    assert total == 32
+    assert total / count > 1.0, f"32 concurrent requests ran in {count} batches: not batched"
+    assert _sample(text, 'mmkd_requests_total{api="mmkd.v1",code="OK",model="tiny2"}') >= 32
+    assert 'mmkd_model_info{model="tiny2",provider="CPUExecutionProvider",variant="fp32",version="1"} 1.0' in text
+
+
+def _sample(text: str, key: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{key} not in metrics")
+
+
+def test_classify_stream_answers_in_request_order_and_reports_bad_items_in_stream(stub):
+    requests = [pb.ClassifyRequest(model="tiny", image=make_image(i), text=QUESTIONS[i % 5], request_id=f"r{i}")
+                for i in range(12)]
+    requests.insert(5, pb.ClassifyRequest(model="tiny", image=b"not an image", text="what", request_id="bad"))
+    answers = list(stub.ClassifyStream(iter(requests), timeout=20))
+    assert [a.request_id for a in answers] == [r.request_id for r in requests]
+    bad = answers[5]
+    assert bad.WhichOneof("result") == "error"
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "image" in bad.error.message
+    good = [a for a in answers if a.request_id != "bad"]
+    assert all(a.WhichOneof("result") == "response" for a in good)
+    single = classify(stub, seed=3, text=QUESTIONS[3])
+    assert np.allclose(good[3].response.probabilities, single.probabilities, atol=1e-6)
+    assert max(a.response.timings.batch_size for a in good) > 1  # streamed requests batch together
+
+
+def test_list_and_get_model_report_the_provider_in_use(stub):
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=5)
+    assert [m.name for m in listed.models] == ["tiny", "tiny2"]
+    info = stub.GetModel(pb.GetModelRequest(name="tiny"), timeout=5)
+    assert info.provider == "CPUExecutionProvider" and info.device_id == -1
+    assert info.ready and info.variant == "fp32" and list(info.labels) == ["red", "green", "blue", "yes", "no"]
+    assert info.preprocess.image_size == 16 and info.max_batch_size == 16
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetModel(pb.GetModelRequest(name="nope"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _big_png() -> bytes:
+    return make_image(0, size=80)  # 6400 pixels; the strict server below allows 4096
+
+
+BAD_INPUTS = {
+    "undecodable image": (dict(image=b"\x89PNG\r\n\x1a\n garbage"), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "empty image": (dict(image=b""), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "oversize image": (dict(image=_big_png()), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "too many image bytes": (dict(image=b"\0" * 70_000), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "empty text": (dict(text="   "), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    "too long text": (dict(text="what " * 100), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+    "unknown model": (dict(model="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    "empty model": (dict(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+}
+
+
+@pytest.fixture(scope="module")
+def strict_stub(repo):
+    settings = settings_for(repo, models=("tiny",), max_image_pixels=4096, max_image_bytes=65_536, max_text_chars=200)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_each_bad_input_gets_its_code_and_a_message_then_a_good_request_works(strict_stub, case):
+    fields, code, needle = BAD_INPUTS[case]
+    request = dict(model="tiny", image=make_image(1), text=QUESTIONS[0]) | fields
+    with pytest.raises(grpc.RpcError) as err:
+        strict_stub.Classify(pb.ClassifyRequest(**request), timeout=10)
+    assert err.value.code() == code, err.value.details()
+    assert needle in err.value.details()
+    assert classify(strict_stub, seed=2).label  # the server still answers
+
+
+def test_full_queue_answers_resource_exhausted_quickly(repo):
+    # Batches wait 1 s for company, so the queue (size 3) fills and stays full.
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=1000, max_queue_size=3)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        queued = [stub.Classify.future(pb.ClassifyRequest(model="tiny", image=make_image(i), text="is there a circle"),
+                                       timeout=10) for i in range(3)]
+        deadline = time.monotonic() + 5
+        while srv.metric("mmkd_queue_depth", {"model": "tiny"}) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            classify(stub, seed=9)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - start < 0.5
+        assert "queue full" in err.value.details()
+        assert all(f.result().label for f in queued)  # the queued ones are still answered
+        assert srv.metric("mmkd_dropped_total", {"model": "tiny", "reason": "queue_full"}) == 1
+
+
+def test_deadline_passed_while_queued_is_never_computed(repo):
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=600)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(pb.ClassifyRequest(model="tiny", image=make_image(0), text="is there a circle"), timeout=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.8)  # past the batch delay: an expired request must not have run
+        assert srv.metric("mmkd_batch_size_count", {"model": "tiny"}) == 0
+        reasons = ("expired", "cancelled")
+        dropped = sum(srv.metric("mmkd_dropped_total", {"model": "tiny", "reason": r}) for r in reasons)
+        assert dropped == 1
+        assert classify(stub, seed=1).label  # and the model still serves
+
+
+def test_two_models_answer_side_by_side_with_different_outputs(stub):
+    a = classify(stub, "tiny", seed=4)
+    b = classify(stub, "tiny2", seed=4)
+    assert a.model == "tiny" and b.model == "tiny2"
+    assert not np.allclose(a.probabilities, b.probabilities)
+
+
+def test_async_client_can_pipeline_many_requests(server):
+    async def main():
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            calls = [stub.Classify(pb.ClassifyRequest(model="tiny", image=make_image(i), text=QUESTIONS[i % 5]),
+                                   timeout=10) for i in range(40)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(main())
+    assert len(responses) == 40 and max(r.timings.batch_size for r in responses) > 1
+
+
+def test_cancelled_stream_drops_its_queued_requests_before_compute(repo):
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=500)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        requests = [pb.ClassifyRequest(model="tiny", image=make_image(i), text="is there a circle") for i in range(3)]
+        call = stub.ClassifyStream(iter(requests), timeout=10)
+        deadline = time.monotonic() + 5
+        while srv.metric("mmkd_queue_depth", {"model": "tiny"}) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        call.cancel()
+        time.sleep(0.8)  # past the batch delay
+        assert srv.metric("mmkd_batch_size_count", {"model": "tiny"}) == 0
+        assert srv.metric("mmkd_dropped_total", {"model": "tiny", "reason": "cancelled"}) == 3
+        assert srv.metric("mmkd_inflight_requests", {"model": "tiny"}) == 0
+        assert classify(stub, seed=1).label
+
+
+def test_burst_over_capacity_every_request_is_answered_or_refused_fast_and_the_server_recovers(repo):
+    settings = settings_for(repo, models=("tiny",), max_batch_size=4, max_queue_delay_ms=50, max_queue_size=4)
+
+    async def burst(address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            async def one(i):
+                start = time.monotonic()
+                try:
+                    await stub.Classify(pb.ClassifyRequest(model="tiny", image=make_image(i), text="is there a circle"),
+                                        timeout=10)
+                    return "OK", time.monotonic() - start
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, time.monotonic() - start
+
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+    with ServerThread(settings) as srv:
+        outcomes = asyncio.run(burst(srv.address))
+        codes = [code for code, _ in outcomes]
+        assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"} and len(codes) == 40
+        refused = [t for code, t in outcomes if code == "RESOURCE_EXHAUSTED"]
+        assert max(refused) < 1.0
+        assert srv.metric("mmkd_dropped_total", {"model": "tiny", "reason": "queue_full"}) == len(refused)
+        with grpc.insecure_channel(srv.address) as channel:
+            assert classify(pb_grpc.InferenceStub(channel), seed=1).label

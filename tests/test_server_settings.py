@@ -1,0 +1,58 @@
+"""Server settings: one frozen validated dataclass; environment under flags; every problem named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+from server.errors import ConfigError
+from server.settings import ServerSettings
+
+
+def test_defaults_and_frozen():
+    s = ServerSettings(model_repository=Path("m"))
+    assert (s.host, s.port, s.device, s.max_batch_size, s.metrics_port) == ("127.0.0.1", 50051, "auto", 16, None)
+    assert s.limits.max_text_chars == 1024
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_all_value_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        ServerSettings(model_repository="m", port=70000, max_batch_size=0, device="gpu", tls_cert="c.pem")
+    message = str(err.value)
+    for needle in ("port", "max_batch_size", "device", "tls_cert and tls_key"):
+        assert needle in message
+
+
+def test_wrong_types_fail_loudly():
+    with pytest.raises(ConfigError, match="max_batch_size must be an int"):
+        ServerSettings(model_repository="m", max_batch_size="8")
+
+
+def test_environment_fills_in_and_flags_win():
+    env = {"MMKD_MODEL_REPOSITORY": "/models", "MMKD_MAX_BATCH_SIZE": "8", "MMKD_MODELS": "a, b",
+           "MMKD_MAX_QUEUE_DELAY_MS": "2.5", "MMKD_AUTH_HEALTH": "true", "MMKD_UNRELATED": "x", "PATH": "/bin"}
+    args = vars(build_parser().parse_args(["--max-batch-size", "32", "--port", "0"]))
+    s = ServerSettings.from_sources(args, env)
+    assert s.model_repository == Path("/models") and s.models == ("a", "b")
+    assert s.max_batch_size == 32 and s.port == 0 and s.max_queue_delay_ms == 2.5 and s.auth_health is True
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="MMKD_PORT"):
+        ServerSettings.from_sources({}, {"MMKD_MODEL_REPOSITORY": "m", "MMKD_PORT": "fifty"})
+
+
+def test_repository_is_required():
+    with pytest.raises(ConfigError, match="--model-repository"):
+        ServerSettings.from_sources({}, {})
+
+
+def test_every_flag_maps_to_a_setting():
+    fields = {f.name for f in dataclasses.fields(ServerSettings)}
+    dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert dests <= fields
