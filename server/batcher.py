@@ -3,6 +3,9 @@
 Requests wait in a queue of (item, future) records. A background task forms a batch as soon as `max_batch_size`
 requests wait or `max_queue_delay` has passed since the oldest one arrived, whichever comes first, and only when
 one of `instances` run slots is free, so while every slot is busy the queue grows into the next, bigger batch.
+With `eager_when_idle` (the default) a request that finds no batch running is not held for the delay: an idle
+model instance gains nothing by waiting, and under load the batches still form while the previous batch
+computes. Without it the batcher behaves like Triton's: the oldest request always waits up to the delay.
 Batches run in executor threads (ONNX Runtime releases the GIL). Every future is resolved or failed: a batch
 that raises, or returns the wrong number of results, fails every request in it. Requests whose client cancelled
 or whose deadline passed while queued are dropped before compute. A full queue refuses at once.
@@ -66,13 +69,15 @@ class DynamicBatcher(Generic[T, R]):
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], *, executor: Executor, max_batch_size: int,
                  max_queue_delay_s: float, max_queue_size: int, instances: int = 1,
-                 observer: BatchObserver | None = None) -> None:
+                 eager_when_idle: bool = True, observer: BatchObserver | None = None) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.eager_when_idle = eager_when_idle
         self._slots = asyncio.Semaphore(instances)
+        self._active = 0  # batches computing now
         self._observer = observer or _NullObserver()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
@@ -129,11 +134,13 @@ class DynamicBatcher(Generic[T, R]):
                 await self._arrived.wait()
                 continue
             await self._slots.acquire()
-            await self._wait_for_batch()
+            if not (self.eager_when_idle and self._active == 0):
+                await self._wait_for_batch()
             batch = self._take_batch()
             if not batch:
                 self._slots.release()
                 continue
+            self._active += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -186,6 +193,7 @@ class DynamicBatcher(Generic[T, R]):
                 raise
             return
         finally:
+            self._active -= 1
             self._slots.release()
         compute = time.monotonic() - start
         queue_times = [start - p.enqueued for p in batch]

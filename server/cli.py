@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="largest batch formed (default 16)")
     p.add_argument("--max-queue-delay-ms", type=float,
                    help="wait at most this long after the oldest queued request for a batch to fill (default 5)")
+    p.add_argument("--eager-dispatch", action=argparse.BooleanOptionalAction, default=None,
+                   help="run a request at once when no batch of its model is computing, instead of waiting the "
+                        "queue delay (default on; --no-eager-dispatch waits like Triton)")
     p.add_argument("--max-queue-size", type=int, help="queued requests per model before RESOURCE_EXHAUSTED (256)")
     p.add_argument("--instances", type=int, help="batches of one model that may run at once (default 1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when it really loads)")

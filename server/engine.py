@@ -61,7 +61,7 @@ class Engine:
         self._batchers[model.name] = DynamicBatcher(
             model.run_batch, executor=pool, max_batch_size=s.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
-            instances=s.instances, observer=self.metrics.observer(model.name))
+            instances=s.instances, eager_when_idle=s.eager_dispatch, observer=self.metrics.observer(model.name))
         self.models.add(model)
 
     def model(self, name: str) -> ServedModel:

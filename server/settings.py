@@ -36,6 +36,7 @@ class ServerSettings:
     port: int = 50051  # 0 picks a free port (tests)
     max_batch_size: int = 16
     max_queue_delay_ms: float = 5.0
+    eager_dispatch: bool = True  # a request that finds the model idle runs at once instead of waiting the delay
     max_queue_size: int = 256  # queued requests per model before RESOURCE_EXHAUSTED
     instances: int = 1  # batches of one model that may run at once
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -107,8 +108,9 @@ def _type_problems(s: ServerSettings) -> list[str]:
             problems.append(f"{name} must be a number, got {value!r}")
     if s.metrics_port is not None and (not isinstance(s.metrics_port, int) or isinstance(s.metrics_port, bool)):
         problems.append(f"metrics_port must be an int or unset, got {s.metrics_port!r}")
-    if not isinstance(s.auth_health, bool):
-        problems.append(f"auth_health must be a bool, got {s.auth_health!r}")
+    for name in ("auth_health", "eager_dispatch"):
+        if not isinstance(getattr(s, name), bool):
+            problems.append(f"{name} must be a bool, got {getattr(s, name)!r}")
     if not all(isinstance(m, str) and m for m in s.models):
         problems.append(f"models must be non-empty names, got {list(s.models)}")
     return problems
@@ -167,7 +169,7 @@ def _parse_env(name: str, key: str, raw: str) -> Any:
             return float(raw)
     except ValueError as exc:
         raise ConfigError(f"environment variable {key}={raw!r} is not a number") from exc
-    if name == "auth_health":
+    if name in ("auth_health", "eager_dispatch"):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"environment variable {key}={raw!r}: use true or false")
         return raw.lower() in ("1", "true", "yes")

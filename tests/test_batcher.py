@@ -59,7 +59,7 @@ def run(coro):
 
 
 def make(recorder, observer=None, **kw):
-    params = dict(max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=64, instances=1)
+    params = dict(max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=64, instances=1, eager_when_idle=False)
     params.update(kw)
     return DynamicBatcher(recorder, executor=ThreadPoolExecutor(params["instances"]), observer=observer, **params)
 
@@ -95,6 +95,37 @@ def test_partial_batch_waits_for_the_delay_from_the_oldest_request_not_longer():
     assert rec.batches == [[1, 2]]
     assert 0.18 <= elapsed < 1.0
     assert results[0].queue_s >= 0.18
+
+
+def test_eager_lone_request_on_an_idle_model_runs_without_waiting_the_delay():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_batch_size=8, max_queue_delay_s=1.0, eager_when_idle=True)
+        start = time.monotonic()
+        result = await b.submit(7)
+        elapsed = time.monotonic() - start
+        await b.close()
+        return result, elapsed
+
+    result, elapsed = run(main())
+    assert result.value == 14 and result.batch_size == 1
+    assert elapsed < 0.5, f"an idle model must not hold a lone request for the 1 s delay (took {elapsed:.3f}s)"
+
+
+def test_eager_requests_arriving_during_a_batch_gather_into_the_next_one():
+    async def main():
+        rec = Recorder(delay=0.2)
+        b = make(rec, max_batch_size=8, max_queue_delay_s=5.0, eager_when_idle=True)
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.05)  # batch [0] is computing now
+        rest = asyncio.ensure_future(asyncio.gather(*(b.submit(i) for i in range(1, 6))))
+        results = await asyncio.gather(first, rest)
+        await b.close()
+        return rec, results
+
+    rec, (first, rest) = run(main())
+    assert rec.batches == [[0], [1, 2, 3, 4, 5]]  # the second batch ran when the instance freed, not after 5 s
+    assert [r.value for r in rest] == [2, 4, 6, 8, 10]
 
 
 def test_batches_never_exceed_max_batch_size():

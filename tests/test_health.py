@@ -62,7 +62,7 @@ def test_reflection_lists_every_service_and_serves_their_files(server):
 
 
 def test_drain_turns_health_not_serving_refuses_new_requests_and_finishes_queued_ones(repo):
-    srv = ServerThread(settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=800))
+    srv = ServerThread(settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=800, eager_dispatch=False))
     with srv, grpc.insecure_channel(srv.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         queued = stub.Classify.future(pb.ClassifyRequest(model="tiny", image=make_image(0), text="is there a circle"),

@@ -151,7 +151,8 @@ def test_each_bad_input_gets_its_code_and_a_message_then_a_good_request_works(st
 
 def test_full_queue_answers_resource_exhausted_quickly(repo):
     # Batches wait 1 s for company, so the queue (size 3) fills and stays full.
-    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=1000, max_queue_size=3)
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=1000, max_queue_size=3,
+                            eager_dispatch=False)
     with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         queued = [stub.Classify.future(pb.ClassifyRequest(model="tiny", image=make_image(i), text="is there a circle"),
@@ -170,7 +171,7 @@ def test_full_queue_answers_resource_exhausted_quickly(repo):
 
 
 def test_deadline_passed_while_queued_is_never_computed(repo):
-    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=600)
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=600, eager_dispatch=False)
     with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -204,7 +205,7 @@ def test_async_client_can_pipeline_many_requests(server):
 
 
 def test_cancelled_stream_drops_its_queued_requests_before_compute(repo):
-    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=500)
+    settings = settings_for(repo, models=("tiny",), max_batch_size=64, max_queue_delay_ms=500, eager_dispatch=False)
     with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         requests = [pb.ClassifyRequest(model="tiny", image=make_image(i), text="is there a circle") for i in range(3)]

@@ -49,7 +49,7 @@ def start_server(repo: Path, *args: str) -> tuple[subprocess.Popen, dict]:
 
 def test_sigterm_during_50_in_flight_requests_answers_all_and_exits_0(repo):
     # A long batch delay keeps all 50 requests in flight when SIGTERM arrives.
-    proc, serving = start_server(repo, "--max-batch-size", "64", "--max-queue-delay-ms", "1500", "--metrics-port", "0")
+    proc, serving = start_server(repo, "--max-batch-size", "64", "--max-queue-delay-ms", "1500", "--no-eager-dispatch", "--metrics-port", "0")
     address = f"127.0.0.1:{serving['port']}"
     try:
         with grpc.insecure_channel(address) as channel:
