@@ -25,6 +25,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,11 +399,13 @@ def decode_image(data: bytes, limits: InputLimits = InputLimits(), *, field: str
             field, f"is {len(data):,} bytes, over the limit of {limits.max_image_bytes:,} bytes"
         )
     try:
-        image = Image.open(io.BytesIO(bytes(data)))
+        with warnings.catch_warnings():  # Pillow warns (to stderr) past 89M pixels; treat it as the refusal it is
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(bytes(data)))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(field, f"declares too many pixels ({_short(exc)})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(field, f"is not a decodable image ({_short(exc)}); send PNG, JPEG or WebP") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(field, f"declares too many pixels ({_short(exc)})") from exc
     if image.format not in IMAGE_FORMATS:
         raise ImageDecodeError(field, f"format {image.format} is not accepted; send PNG, JPEG or WebP")
     width, height = image.size

@@ -1,0 +1,98 @@
+"""Overload and soak, in miniature, through the robustness harness itself: open-loop load past capacity gets
+only OK, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED; expired requests are never computed and are counted; the server
+recovers when load drops; mixed valid and invalid traffic below capacity loses no valid request.
+
+The full runs (60 s overload at 2x, 10 min soak) are `python -m benchmarks.robustness overload|soak`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import grpc
+import pytest
+
+from benchmarks.robustness.client import CHANNEL_OPTIONS, Caller
+from benchmarks.robustness.overload import run_overload, run_soak, valid_maker
+from benchmarks.robustness.target import metric, rss_mb
+from tiny_bundle import ServerThread, build_repository, settings_for
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return build_repository(tmp_path_factory.mktemp("repo"), ("tiny",))
+
+
+def samples(srv) -> dict:
+    """The server's metrics in the harness's {(name, labels): value} form (no HTTP needed in-process)."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in srv.server.metrics.registry.collect() for s in family.samples}
+
+
+async def _with_caller(srv, body):
+    async with grpc.aio.insecure_channel(srv.address, options=CHANNEL_OPTIONS) as channel:
+        return await body(Caller(channel))
+
+
+async def _one_at_a_time(caller: Caller, n: int) -> list[str]:
+    make = valid_maker("tiny")
+    return [(await caller.call(make(i), 10.0)).code for i in range(n)]
+
+
+def test_overload_is_refused_fast_never_computes_expired_requests_and_recovers(repo):
+    # a small queue and a slow batch cadence so that a modest open-loop rate overloads even this tiny model
+    settings = settings_for(repo, max_batch_size=2, max_queue_size=8, max_queue_delay_ms=20.0)
+    with ServerThread(settings) as srv:
+        result = asyncio.run(_with_caller(srv, lambda caller: run_overload(
+            caller, "tiny", read_rss=lambda: rss_mb(os.getpid()), read_metrics=lambda: samples(srv),
+            duration_s=3.0, factor=3.0, recovery_s=2.0, capacity_s=1.5, timeout_s=1.0)))
+        metrics_after = samples(srv)
+        sequential = asyncio.run(_with_caller(srv, lambda caller: _one_at_a_time(caller, 20)))
+    checks, load, server = result["checks"], result["overload"], result["server_metrics"]
+    assert checks["only_ok_rejected_or_expired"], load["codes"]
+    assert checks["server_saw_overload"] and load["codes"]["RESOURCE_EXHAUSTED"] > 0, load
+    # recovery: one-at-a-time requests right after the load are all answered, and the half-capacity phase is
+    # mostly answered (in-process, "capacity" measured closed-loop overstates what an open-loop client leaves the
+    # server, and an 8-deep queue overflows on bursts, so this bound is loose; the harness run checks 100 %)
+    assert all(code == "OK" for code in sequential), sequential
+    recovery = result["recovery"]
+    assert recovery["codes"].get("OK", 0) >= 0.5 * recovery["sent"], recovery
+    assert checks["expired_never_computed"], server
+    assert load["codes"].get("OK", 0) > 0
+    # every refusal the clients saw (load and recovery phases) is counted by the server; a refusal can also reach
+    # a client whose deadline already passed, which then reads DEADLINE_EXCEEDED
+    seen = load["codes"]["RESOURCE_EXHAUSTED"] + recovery["codes"].get("RESOURCE_EXHAUSTED", 0)
+    expired = load["codes"].get("DEADLINE_EXCEEDED", 0) + recovery["codes"].get("DEADLINE_EXCEEDED", 0)
+    assert seen <= server["dropped_queue_full"] <= seen + expired, (server, load["codes"], recovery["codes"])
+    assert metric(metrics_after, "mmkd_dropped_total", model="tiny", reason="queue_full") >= seen
+    # refused at once, not held until the deadline (the absolute 100 ms bound is the out-of-process harness's
+    # check: here the client shares the GIL with the server)
+    assert load["rejected_rtt_p99_ms"] < 1000.0, load
+
+
+def test_requests_expiring_in_the_queue_are_counted_and_never_computed(repo):
+    """Slow batches (a long queue delay) and short client deadlines: expired requests show in
+    mmkd_dropped_total{reason=expired} or as client cancellations, and the computed count equals answered ones."""
+    settings = settings_for(repo, max_batch_size=1, max_queue_size=64, max_queue_delay_ms=0.0)
+    with ServerThread(settings) as srv:
+        result = asyncio.run(_with_caller(srv, lambda caller: run_overload(
+            caller, "tiny", read_rss=lambda: rss_mb(os.getpid()), read_metrics=lambda: samples(srv),
+            duration_s=2.0, factor=4.0, recovery_s=1.0, capacity_s=1.0, timeout_s=0.05)))
+    server = result["server_metrics"]
+    assert result["checks"]["only_ok_rejected_or_expired"], result["overload"]["codes"]
+    assert server["computed"] <= server["ok"] + server["cancelled"], server
+    expired_seen = result["overload"]["codes"].get("DEADLINE_EXCEEDED", 0)
+    assert expired_seen > 0, result["overload"]
+    assert server["dropped_expired"] + server["dropped_cancelled"] + server["dropped_queue_full"] > 0, server
+
+
+def test_mixed_valid_and_invalid_traffic_below_capacity_loses_no_valid_request(repo):
+    with ServerThread(settings_for(repo)) as srv:
+        result = asyncio.run(_with_caller(srv, lambda caller: run_soak(
+            caller, "tiny", read_rss=lambda: rss_mb(os.getpid()), duration_s=3.0, capacity_rps=100.0,
+            fraction=0.5, invalid_ratio=0.2, windows=3)))
+    assert result["valid_sent"] > 100 and result["invalid_sent"] > 20
+    assert result["checks"]["zero_failed_valid"], result["codes"]
+    assert result["checks"]["invalid_get_their_codes"], result["codes"]
+    assert all(p is not None for p in result["window_p99_ms"])
