@@ -31,8 +31,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m benchmarks.demo --out $(DEMO_OUT)
 
+# The full benchmark over the bundles `make demo` exported (run `make demo` first).
 bench: $(STAMP)
-	$(VENV)/bin/mmkd-bench --out bench-results
+	$(VENV)/bin/mmkd-bench --bundles $(DEMO_OUT)/models --run $(DEMO_OUT)/run --data $(DEMO_OUT)/data --out bench-results
 
 # Regenerate the gRPC/protobuf stubs from protos/ with the grpcio-tools that matches the installed protobuf.
 protos: $(STAMP)
