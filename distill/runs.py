@@ -75,7 +75,12 @@ def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
 
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises SafetensorError / OSError without naming the file
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({exc}); resume from another checkpoint or retrain"
+        ) from exc
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -148,8 +148,6 @@ def test_a_damaged_checkpoint_is_refused_and_the_model_keeps_its_weights(tmp_pat
             assert torch.equal(value, before[key]), f"{name}: {key} was half-loaded"
 
 
-@pytest.mark.xfail(reason="distill.runs.load_tensors lets safetensors' SafetensorError through: the message does "
-                          "not name the file and it is not a CheckpointError", strict=False)
 def test_a_damaged_checkpoint_error_is_a_checkpoint_error_naming_the_file(tmp_path):
     from distill.errors import CheckpointError
 
