@@ -12,13 +12,13 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from benchmarks.procs import start_mmkd_serve
 
 EXPORTS = (("student", "fp32", "student"), ("student", "int8", "student-int8"), ("teacher", "fp32", "teacher"),
            ("teacher", "int8", "teacher-int8"))
@@ -81,33 +81,10 @@ def stage_bench(cfg: DemoConfig, models: Path, run_dir: Path, data: Path) -> Pat
     if not cfg.bench:
         print("disabled (--no-bench)")
         return None
-    run(["mmkd-bench", "--quick", "--bundles", str(models), "--run", str(run_dir), "--data", str(data),
-         "--out", str(out)])
+    # The PyTriton peer needs its own virtual environment (a large download); `make bench` runs it.
+    run(["mmkd-bench", "--quick", "--only", "latency,accuracy,serving", "--bundles", str(models), "--run",
+         str(run_dir), "--data", str(data), "--out", str(out)])
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_serving(address: str, timeout_s: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"mmkd-serve at {address} did not report SERVING within {timeout_s:.0f} s")
 
 
 def test_examples(data: Path, count: int) -> list[dict]:
@@ -118,13 +95,10 @@ def test_examples(data: Path, count: int) -> list[dict]:
 
 def stage_serve(cfg: DemoConfig, models: Path, data: Path) -> list[dict]:
     banner("5/5 serve the bundles and query them over gRPC")
-    address = f"127.0.0.1:{free_port()}"
-    cmd = ["mmkd-serve", "--model-repository", str(models), "--port", address.rsplit(":", 1)[1], "--log-format", "text"]
-    print("$ " + shlex.join(cmd), flush=True)
-    server = subprocess.Popen(cmd)
+    server, address = start_mmkd_serve(models, cfg.out / "logs", "mmkd-serve")
+    print(f"mmkd-serve is SERVING on {address} (log: {server.log_path})", flush=True)
     rows = []
     try:
-        wait_until_serving(address)
         for example in test_examples(data, 4):
             for model in ("student", "teacher"):
                 cmd = ["mmkd-predict", "--server", address, "--model", model, "--top-k", "1",
@@ -133,9 +107,8 @@ def stage_serve(cfg: DemoConfig, models: Path, data: Path) -> list[dict]:
                 reply = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 rows.append({"model": model, "question": example["text"], "truth": example["label"], **reply})
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-        print(f"mmkd-serve stopped (exit {code})", flush=True)
+        code = server.stop()
+        print(f"mmkd-serve stopped with SIGTERM (exit {code})", flush=True)
     return rows
 
 

@@ -46,6 +46,7 @@ class ServerSettings:
     auth_token_file: Path | None = None
     auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually can't send one)
     preprocess_threads: int = 2
+    inline_preprocess_bytes: int = 64 * 1024  # images up to this size are decoded on the event loop, not the pool
     intra_op_threads: int = 0  # ORT threads per run; 0 lets ORT decide
     grace_s: float = 10.0  # how long shutdown waits for in-flight requests
     max_message_bytes: int = 16 * 1024 * 1024
@@ -92,6 +93,7 @@ class ServerSettings:
 
 
 _INT_FIELDS = ("port", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
+               "inline_preprocess_bytes",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
 _FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s")
 
@@ -132,6 +134,8 @@ def _value_problems(s: ServerSettings) -> list[str]:
                  "max_text_chars"):
         if getattr(s, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.inline_preprocess_bytes < 0:
+        problems.append(f"inline_preprocess_bytes must be >= 0, got {s.inline_preprocess_bytes}")
     if s.intra_op_threads < 0:
         problems.append(f"intra_op_threads must be >= 0, got {s.intra_op_threads}")
     if s.grace_s < 0:

@@ -51,6 +51,16 @@ def classify(stub, model="tiny", seed=0, text=QUESTIONS[0], **kw):
     return stub.Classify(pb.ClassifyRequest(model=model, image=make_image(seed), text=text, **kw), timeout=10)
 
 
+def test_thread_pool_preprocessing_gives_the_same_answers_as_inline(repo):
+    # Images above --inline-preprocess-bytes are decoded in the thread pool; 0 sends every one there.
+    with ServerThread(settings_for(repo, inline_preprocess_bytes=0)) as srv, grpc.insecure_channel(srv.address) as ch:
+        pooled = pb_grpc.InferenceStub(ch)
+        for seed, text in enumerate(QUESTIONS):
+            response = classify(pooled, seed=seed, text=text)
+            np.testing.assert_allclose(response.probabilities,
+                                       reference_probs(repo / "tiny", make_image(seed), text), atol=1e-5)
+
+
 def test_classify_equals_in_process_onnx_runtime(stub, repo):
     for seed, text in enumerate(QUESTIONS):
         response = classify(stub, seed=seed, text=text, top_k=3)
@@ -222,7 +232,8 @@ def test_cancelled_stream_drops_its_queued_requests_before_compute(repo):
 
 
 def test_burst_over_capacity_every_request_is_answered_or_refused_fast_and_the_server_recovers(repo):
-    settings = settings_for(repo, models=("tiny",), max_batch_size=4, max_queue_delay_ms=50, max_queue_size=4)
+    settings = settings_for(repo, models=("tiny",), max_batch_size=4, max_queue_delay_ms=50, max_queue_size=4,
+                            inline_preprocess_bytes=0, eager_dispatch=False)
 
     async def burst(address):
         async with grpc.aio.insecure_channel(address) as channel:
