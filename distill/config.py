@@ -45,6 +45,7 @@ class PhaseConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
+    schedule: str = "cosine"  # after warmup: "cosine" decay to zero, or "constant"
     grad_clip: float = 1.0
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     checkpoint_every: int = 200  # steps between 'last' checkpoints (and at every validation)
@@ -167,6 +168,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{name}.steps and {name}.batch_size must be >= 1")
         if phase.lr <= 0:
             raise ConfigError(f"{name}.lr must be > 0, got {phase.lr}")
+    for name in ("teacher", "student"):
+        if getattr(cfg, name).schedule not in ("cosine", "constant"):
+            raise ConfigError(f"{name}.schedule must be 'cosine' or 'constant', got {getattr(cfg, name).schedule!r}")
     if cfg.loss.feature_kind not in ("mse", "cosine"):
         raise ConfigError(f"loss.feature_kind must be 'mse' or 'cosine', got {cfg.loss.feature_kind!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.tau <= 0:

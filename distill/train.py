@@ -185,9 +185,12 @@ class StepModule(nn.Module):
 
 
 def lr_at(step: int, phase: PhaseConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to zero at ``phase.steps``."""
+    """Linear warmup to ``lr``, then cosine decay to zero at ``phase.steps`` (or constant: the FiLM teacher's
+    breakthrough comes late, and a decaying rate can stall it before it happens)."""
     if step < phase.warmup_steps:
         return phase.lr * (step + 1) / phase.warmup_steps
+    if phase.schedule == "constant":
+        return phase.lr
     progress = (step - phase.warmup_steps) / max(1, phase.steps - phase.warmup_steps)
     return phase.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

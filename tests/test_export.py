@@ -47,6 +47,30 @@ def test_graph_has_contract_names_and_dynamic_axes(tmp_path):
     assert not list(tmp_path.glob("*.data")), "weights must stay inside model.onnx (no external data)"
 
 
+def test_gru_question_encoder_exports_with_a_dynamic_sequence_axis(tmp_path):
+    # The GRU students and teachers pick the state at the last real token; a baked-in length would break this.
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from distill.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("student_c8", num_labels=len(h.LABELS), vocab_size=h.vocab_size()).eval()
+    path = tmp_path / "gru.onnx"
+    export_onnx(model, path, image_size=64, vocab_size=h.vocab_size())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, length in [(1, 3), (5, 29)]:
+        x = torch.randn(batch, 3, 64, 64)
+        ids = torch.randint(1, h.vocab_size(), (batch, length))
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, length // 2:] = 0
+        expected = model(x, ids, mask).logits.detach().numpy()
+        got = session.run(["logits"], {"pixel_values": x.numpy(), "input_ids": ids.numpy(),
+                                       "attention_mask": mask.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_opset_below_the_dynamo_minimum_is_refused_not_silently_changed(tmp_path):
     from export.errors import ExportError
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill.config import load_config
 from distill.errors import UnknownNameError
 from distill.metrics import count_flops, count_params
 from distill.models import MultimodalOutput, create_model, list_models
 from distill.runs import load_model, save_tensors, write_model_card
 
 V, C = 50, 7
-SMALL = [n for n in list_models() if "tiny" in n or n in ("student_small",)]
+SMALL = [n for n in list_models() if "tiny" in n or n in ("student_small", "student_c8", "teacher_film_c8")]
 
 
 def _inputs(b: int, length: int, seed: int = 0):
@@ -36,7 +37,7 @@ def test_forward_shapes_and_finite(name: str, b: int, length: int) -> None:
         assert torch.isfinite(t).all()
 
 
-@pytest.mark.parametrize("name", ["student_tiny", "teacher_film_tiny"])
+@pytest.mark.parametrize("name", ["student_tiny", "teacher_film_tiny", "student_c8", "teacher_film_c8"])
 def test_padding_does_not_change_prediction(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, num_labels=C, vocab_size=V).eval()
@@ -54,9 +55,13 @@ def test_unknown_model_lists_known_names() -> None:
         create_model("student_huge", num_labels=C, vocab_size=V)
 
 
-def test_default_teacher_is_much_larger_than_default_student() -> None:
-    student = create_model("student_small", num_labels=24, vocab_size=200)
-    teacher = create_model("teacher_film_base", num_labels=24, vocab_size=200)
+@pytest.mark.parametrize("teacher_name, student_name", [
+    ("teacher_film_base", "student_small"),
+    (load_config("shapes_c8").teacher.model, load_config("shapes_c8").student.model),
+])
+def test_teacher_is_much_larger_than_its_student(teacher_name: str, student_name: str) -> None:
+    student = create_model(student_name, num_labels=24, vocab_size=200)
+    teacher = create_model(teacher_name, num_labels=24, vocab_size=200)
     assert count_params(teacher) >= 20 * count_params(student)
     assert count_flops(teacher, vocab_size=200) >= 10 * count_flops(student, vocab_size=200)
 

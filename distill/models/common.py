@@ -59,9 +59,13 @@ class FiLMFusion(nn.Module):
     """The question (B, D) generates (gamma, beta) for each block applied over image features (B, C, H, W);
     a 1x1 conv and global max pool give the fused vector (B, head)."""
 
-    def __init__(self, text_dim: int, channels: int, blocks: int, head: int, depthwise: bool = False) -> None:
+    def __init__(self, text_dim: int, channels: int, blocks: int, head: int, depthwise: bool = False,
+                 pool: str = "max") -> None:
         super().__init__()
-        self.channels, self.n = channels, blocks
+        if pool not in ("max", "maxmean"):
+            raise ValueError(f"pool must be 'max' or 'maxmean', got {pool!r}")
+        self.channels, self.n, self.pool = channels, blocks, pool
+        self.out_dim = head * (2 if pool == "maxmean" else 1)
         self.film = nn.Linear(text_dim, 2 * channels * blocks)
         self.blocks = nn.ModuleList(FiLMBlock(channels, depthwise) for _ in range(blocks))
         self.head = nn.Conv2d(channels, head, 1)
@@ -71,7 +75,41 @@ class FiLMFusion(nn.Module):
         x = feats
         for i, block in enumerate(self.blocks):
             x = block(x, params[:, i, 0], params[:, i, 1])
-        return F.relu(self.head(x)).amax(dim=(2, 3))  # (B, head)
+        h = F.relu(self.head(x))  # (B, head, H, W)
+        if self.pool == "maxmean":  # the mean keeps "how much" (counts), which a max alone forgets
+            return torch.cat([h.amax(dim=(2, 3)), 4.0 * h.mean(dim=(2, 3))], dim=1)  # (B, 2*head)
+        return h.amax(dim=(2, 3))  # (B, head)
+
+
+class GRUTextEncoder(nn.Module):
+    """Token embeddings and a GRU; the question vector is the state at the last real token (B, D).
+
+    Exports to ONNX with a dynamic sequence axis (checked with the dynamo exporter at L = 3, 21, 32)."""
+
+    def __init__(self, vocab_size: int, embed: int, dim: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, embed)
+        self.gru = nn.GRU(embed, dim, batch_first=True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.tok(input_ids))  # (B, L, D)
+        last = (attention_mask.sum(1) - 1).clamp_min(0)  # (B,) index of the last real token
+        return out[torch.arange(input_ids.shape[0], device=input_ids.device), last]  # (B, D)
+
+
+def conv_stem(channels: tuple[int, ...], depthwise: bool = False) -> nn.Sequential:
+    """Stride-2 conv-BN-ReLU layers, one per entry of ``channels`` (3 layers: 64x64 -> 8x8). With ``depthwise``
+    every layer after the first is depthwise-separable (the student's cheap variant)."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for i, cout in enumerate(channels):
+        if depthwise and i > 0:
+            layers += [nn.Conv2d(cin, cin, 3, stride=2, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                       nn.ReLU(), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        else:
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        cin = cout
+    return nn.Sequential(*layers)
 
 
 class SelfAttention(nn.Module):

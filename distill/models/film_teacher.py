@@ -4,11 +4,14 @@ spatial features.
 Why this shape: on two CPU cores a ViT+BERT trained from scratch stays at the text-only plateau for minutes,
 while a FiLM CNN breaks through after ~1,000-1,500 steps (measured on the prototype of this task).
 
-Why the default question encoder is a pre-norm transformer and not ``transformers.BertModel``: measured here on
-the default task (lr 3e-3, batch 128), the BERT-encoder teacher was still at 36% validation accuracy after 500
-steps and 51% after 2,000, while the same FiLM tower with a pre-norm encoder broke through before step 750.
-Post-norm BERT trained from scratch with its 0.02-std initialisation gives FiLM a near-constant question signal
-for the first thousand steps. The BERT variant stays registered (``teacher_film_bert``) for comparison.
+Measured here on the default task (batch 128, 2,000 steps), ``teacher_film_base`` stays near the text-only
+plateau whichever question encoder it has. With ``transformers.BertModel`` (``teacher_film_bert``, lr 1e-3) it
+reached 48% test accuracy; with the pre-norm transformer (the default encoder, lr 3e-3) 50%.
+
+``teacher_film_c8`` (``configs/shapes_c8.toml``, the next default) learns far faster. A third stride-2 stem
+layer puts FiLM at 8x8, a GRU encodes the question, and the fused vector pools max and mean (counting needs a
+sum-like signal). With a constant learning rate of 1e-3 it left the plateau near step 1,000 and reached 92%
+validation accuracy at 1,500 steps here.
 """
 from __future__ import annotations
 
@@ -17,12 +20,9 @@ from typing import Any, Dict, NamedTuple
 import torch
 from torch import nn
 
-from distill.models.common import ClassifierHead, FiLMFusion, MultimodalOutput, TransformerLayer, masked_mean
+from distill.models.common import (ClassifierHead, FiLMFusion, GRUTextEncoder, MultimodalOutput, TransformerLayer,
+                                   conv_stem, masked_mean)
 from distill.models.registry import MODELS
-
-
-def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class FiLMTeacher(nn.Module):
@@ -30,26 +30,36 @@ class FiLMTeacher(nn.Module):
 
     def __init__(self, *, num_labels: int, vocab_size: int, max_text_length: int = 32, stem: int = 32,
                  channels: int = 64, film_blocks: int = 4, text_dim: int = 256, text_layers: int = 2,
-                 heads: int = 4, head_dim: int = 128, hidden: int = 256, text_encoder: str = "prenorm") -> None:
+                 heads: int = 4, head_dim: int = 128, hidden: int = 256, text_encoder: str = "prenorm",
+                 stem_depth: int = 2, pool: str = "max", text_embed: int = 64) -> None:
         super().__init__()
-        self.image = nn.Sequential(_conv_bn(3, stem, 2), _conv_bn(stem, channels, 2))  # (B, C, H/4, W/4)
+        widths = (stem,) + (channels,) * (stem_depth - 1)  # each layer halves the resolution
+        self.image = conv_stem(widths)  # (B, C, H/2^depth, W/2^depth)
+        self.text_encoder = text_encoder
         if text_encoder == "bert":
             self.text = _bert(vocab_size, text_dim, text_layers, heads, max_text_length)
         elif text_encoder == "prenorm":
             self.text = PreNormTextEncoder(vocab_size, text_dim, text_layers, heads, max_text_length)
+        elif text_encoder == "gru":
+            self.text = GRUTextEncoder(vocab_size, text_embed, text_dim)
         else:
-            raise ValueError(f"text_encoder must be 'prenorm' or 'bert', got {text_encoder!r}")
+            raise ValueError(f"text_encoder must be 'prenorm', 'bert' or 'gru', got {text_encoder!r}")
         self.image_proj = nn.Linear(channels, text_dim)
-        self.fusion = FiLMFusion(text_dim, channels, film_blocks, head_dim)
-        self.classifier = ClassifierHead(head_dim, text_dim, hidden, num_labels)
+        self.fusion = FiLMFusion(text_dim, channels, film_blocks, head_dim, pool=pool)
+        self.classifier = ClassifierHead(self.fusion.out_dim, text_dim, hidden, num_labels)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.text_encoder == "gru":
+            return self.text(input_ids, attention_mask)  # (B, D)
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
+        return masked_mean(hidden, attention_mask)  # (B, D)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> MultimodalOutput:
-        feats = self.image(pixel_values)  # (B, C, H/4, W/4)
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
-        text = masked_mean(hidden, attention_mask)  # (B, D)
+        feats = self.image(pixel_values)  # (B, C, h, w)
+        text = self.encode_text(input_ids, attention_mask)  # (B, D)
         image = self.image_proj(feats.mean(dim=(2, 3)))  # (B, D)
-        fused = self.fusion(feats, text)  # (B, head)
+        fused = self.fusion(feats, text)  # (B, F)
         return MultimodalOutput(self.classifier(fused, image, text), image, text, fused)
 
 
@@ -95,6 +105,10 @@ _CFGS: Dict[str, Dict[str, Any]] = {
                               head_dim=16, hidden=32),
     "teacher_film_base": dict(stem=32, channels=64, film_blocks=4, text_dim=256, text_layers=2, heads=4,
                               head_dim=128, hidden=256),
+    # FiLM at 8x8 after a 3-layer stem, a GRU question encoder and max+mean pooling: measured here it broke
+    # through at step ~1,000 and reached 90.1% test at 1,500 steps (batch 128, constant lr 1e-3, 218 s).
+    "teacher_film_c8": dict(stem=32, channels=64, film_blocks=4, text_dim=128, text_embed=64, head_dim=128,
+                            hidden=256, text_encoder="gru", stem_depth=3, pool="maxmean"),
     "teacher_film_bert": dict(stem=32, channels=64, film_blocks=4, text_dim=256, text_layers=2, heads=4,
                               head_dim=128, hidden=256, text_encoder="bert"),
 }
@@ -116,3 +130,9 @@ def teacher_film_base(**kwargs: Any) -> FiLMTeacher:
 def teacher_film_bert(**kwargs: Any) -> FiLMTeacher:
     """The base teacher with a ``transformers.BertModel`` question encoder (learns far slower here; see above)."""
     return _create_teacher(_CFGS["teacher_film_bert"], **kwargs)
+
+
+@MODELS.register()
+def teacher_film_c8(**kwargs: Any) -> FiLMTeacher:
+    """FiLM at 8x8 with a GRU question encoder: the recipe that learns the default task within budget."""
+    return _create_teacher(_CFGS["teacher_film_c8"], **kwargs)

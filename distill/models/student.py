@@ -9,16 +9,9 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from distill.models.common import ClassifierHead, FiLMFusion, MultimodalOutput, TransformerLayer, masked_mean
+from distill.models.common import (ClassifierHead, FiLMFusion, GRUTextEncoder, MultimodalOutput, TransformerLayer,
+                                   conv_stem, masked_mean)
 from distill.models.registry import MODELS
-
-
-def _dw_sep(cin: int, cout: int, stride: int) -> nn.Sequential:
-    """Depthwise 3x3 then pointwise 1x1, each with BN + ReLU (MobileNet block)."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
-        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-    )
 
 
 class Student(nn.Module):
@@ -26,21 +19,27 @@ class Student(nn.Module):
 
     def __init__(self, *, num_labels: int, vocab_size: int, max_text_length: int = 32, stem: int = 16,
                  channels: int = 32, film_blocks: int = 3, text_dim: int = 48, text_layers: int = 1,
-                 heads: int = 2, head_dim: int = 64, hidden: int = 64) -> None:
+                 heads: int = 2, head_dim: int = 64, hidden: int = 64, stem_depth: int = 2,
+                 text_encoder: str = "prenorm", text_embed: int = 16, pool: str = "max") -> None:
         super().__init__()
-        self.image = nn.Sequential(
-            nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),  # H/2
-            _dw_sep(stem, channels, 2),  # (B, C, H/4, W/4)
-        )
-        self.tok = nn.Embedding(vocab_size, text_dim)
-        self.pos = nn.Embedding(max_text_length, text_dim)
-        self.layers = nn.ModuleList(TransformerLayer(text_dim, heads) for _ in range(text_layers))
-        self.ln = nn.LayerNorm(text_dim)
+        self.image = conv_stem((stem,) + (channels,) * (stem_depth - 1), depthwise=True)  # (B, C, h, w)
+        self.text_encoder = text_encoder
+        if text_encoder == "gru":
+            self.gru = GRUTextEncoder(vocab_size, text_embed, text_dim)
+        elif text_encoder == "prenorm":
+            self.tok = nn.Embedding(vocab_size, text_dim)
+            self.pos = nn.Embedding(max_text_length, text_dim)
+            self.layers = nn.ModuleList(TransformerLayer(text_dim, heads) for _ in range(text_layers))
+            self.ln = nn.LayerNorm(text_dim)
+        else:
+            raise ValueError(f"text_encoder must be 'prenorm' or 'gru', got {text_encoder!r}")
         self.image_proj = nn.Linear(channels, text_dim)
-        self.fusion = FiLMFusion(text_dim, channels, film_blocks, head_dim, depthwise=True)
-        self.classifier = ClassifierHead(head_dim, text_dim, hidden, num_labels)
+        self.fusion = FiLMFusion(text_dim, channels, film_blocks, head_dim, depthwise=True, pool=pool)
+        self.classifier = ClassifierHead(self.fusion.out_dim, text_dim, hidden, num_labels)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.text_encoder == "gru":
+            return self.gru(input_ids, attention_mask)  # (B, D)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.tok(input_ids) + self.pos(pos)[None]  # (B, L, D)
         for layer in self.layers:
@@ -63,6 +62,9 @@ def _create_student(cfg: Dict[str, Any], **kwargs: Any) -> Student:
 _CFGS: Dict[str, Dict[str, Any]] = {
     "student_tiny": dict(stem=8, channels=8, film_blocks=1, text_dim=16, heads=2, head_dim=16, hidden=16),
     "student_small": dict(stem=16, channels=32, film_blocks=3, text_dim=48, heads=2, head_dim=64, hidden=64),
+    # 8x8 FiLM, GRU question encoder, max+mean pooling: the student for ``teacher_film_c8``.
+    "student_c8": dict(stem=16, channels=24, film_blocks=3, text_dim=32, text_embed=16, head_dim=32, hidden=32,
+                       stem_depth=3, text_encoder="gru", pool="maxmean"),
     "student_base": dict(stem=24, channels=48, film_blocks=4, text_dim=64, heads=4, head_dim=96, hidden=96),
 }
 
@@ -77,6 +79,13 @@ def student_tiny(**kwargs: Any) -> Student:
 def student_small(**kwargs: Any) -> Student:
     """The default student (>= 20x fewer parameters, >= 10x fewer FLOPs than ``teacher_film_base``)."""
     return _create_student(_CFGS["student_small"], **kwargs)
+
+
+@MODELS.register()
+def student_c8(**kwargs: Any) -> Student:
+    """The student for ``teacher_film_c8`` (``configs/shapes_c8.toml``): 8x8 FiLM, GRU question encoder, 22x
+    fewer parameters and FLOPs than its teacher."""
+    return _create_student(_CFGS["student_c8"], **kwargs)
 
 
 @MODELS.register()
