@@ -278,20 +278,10 @@ def load_data(root: Path, cfg: Any, out: Optional[Path] = None, transfer: bool =
     return data
 
 
-def _folder():  # noqa: ANN202
-    """The data package's loader, or None while it is not installed (then the minimal reader below serves)."""
-    try:
-        from distill.data import folder
-    except ImportError:
-        return None
-    return folder
-
-
 def _read_labels(root: Path) -> list:
-    folder = _folder()
-    if folder is not None:
-        return list(folder.read_labels(root))
-    return list(read_json(root / "dataset.json")["labels"])
+    from distill.data import folder
+
+    return list(folder.read_labels(root))
 
 
 def _image_size(root: Path) -> int:
@@ -310,9 +300,8 @@ def _build_tokenizer(root: Path, out: Path) -> Path:
 
 
 def _encode(root: Path, split: str, spec: Any, encoder: Any, labels: list, max_len: int) -> Split:
-    folder = _folder()
-    if folder is None:
-        return _minimal_encode(root, split, spec, encoder, labels)
+    from distill.data import folder
+
     enc = folder.encode_split(root, split, spec, encoder, labels, require_labels=split != "transfer")
     ids, mask = torch.as_tensor(enc.input_ids), torch.as_tensor(enc.attention_mask)
     length = max(1, int(mask.sum(1).max())) if len(mask) else 1
@@ -320,18 +309,3 @@ def _encode(root: Path, split: str, spec: Any, encoder: Any, labels: list, max_l
     texts = list(enc.texts)
     return Split(torch.as_tensor(enc.pixel_values), ids, mask, torch.as_tensor(enc.labels).long(),
                  list(getattr(enc, "qtypes", []) or []), texts)
-
-
-def _minimal_encode(root: Path, split: str, spec: Any, encoder: Any, labels: list) -> Split:
-    """imagefolder reader without the data package's checks (metadata.jsonl of file_name, text, label)."""
-    import numpy as np
-
-    from export.bundle import preprocess_images
-
-    rows = [json.loads(line) for line in (root / split / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    index = {name: i for i, name in enumerate(labels)}
-    images = preprocess_images([(root / split / r["file_name"]).read_bytes() for r in rows], spec)
-    ids, mask = encoder.encode([r["text"] for r in rows])
-    y = np.array([index[r["label"]] if "label" in r else -1 for r in rows], dtype=np.int64)
-    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(ids), torch.from_numpy(mask),
-                 torch.from_numpy(y), [r.get("qtype", "") for r in rows], [r["text"] for r in rows])
