@@ -259,10 +259,11 @@ def load_data(root: Path, cfg: Any, out: Optional[Path] = None, transfer: bool =
     ``transfer`` split only when asked: at 2x the train size it dominates memory and load time).
 
     A dataset without ``tokenizer.json`` gets one built from its training texts, saved in ``out``."""
+    from distill.data import folder
     from export.bundle import PreprocessSpec, TextEncoder
 
     root = Path(root)
-    labels = _read_labels(root)
+    labels = list(folder.read_labels(root))
     tok = root / TOKENIZER_FILE
     if not tok.is_file():
         tok = _build_tokenizer(root, Path(out or root))
@@ -271,17 +272,11 @@ def load_data(root: Path, cfg: Any, out: Optional[Path] = None, transfer: bool =
     data = RunData(root, labels, spec, tok, encoder.vocab_size)
     for split in ("train", "validation", "test") + (("transfer",) if transfer else ()):
         if (root / split).is_dir():
-            data.splits[split] = _encode(root, split, spec, encoder, labels, cfg.data.max_text_length)
+            data.splits[split] = _encode(root, split, spec, encoder, labels)
     for split in ("train", "validation", "test"):
         if split not in data.splits:
             raise CheckpointError(f"{root} has no {split}/ split; a dataset needs train/, validation/ and test/")
     return data
-
-
-def _read_labels(root: Path) -> list:
-    from distill.data import folder
-
-    return list(folder.read_labels(root))
 
 
 def _image_size(root: Path) -> int:
@@ -299,7 +294,7 @@ def _build_tokenizer(root: Path, out: Path) -> Path:
     return save_tokenizer(build_tokenizer(texts), out / TOKENIZER_FILE)
 
 
-def _encode(root: Path, split: str, spec: Any, encoder: Any, labels: list, max_len: int) -> Split:
+def _encode(root: Path, split: str, spec: Any, encoder: Any, labels: list) -> Split:
     from distill.data import folder
 
     enc = folder.encode_split(root, split, spec, encoder, labels, require_labels=split != "transfer")
