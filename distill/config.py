@@ -45,7 +45,8 @@ class PhaseConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
-    schedule: str = "cosine"  # after warmup: "cosine" decay to zero, or "constant"
+    schedule: str = "cosine"  # after warmup: "cosine" decay to zero, "constant", or "wsd" (see decay_fraction)
+    decay_fraction: float = 0.2  # "wsd" (warmup-stable-decay): constant, then cosine to zero over this last share
     grad_clip: float = 1.0
     eval_every: int = 0  # steps between validations; 0 = once per epoch
     checkpoint_every: int = 200  # steps between 'last' checkpoints (and at every validation)
@@ -59,6 +60,7 @@ class LossConfig:
     kd: float = 1.0
     feature: float = 0.5
     relational: float = 0.5
+    spatial: float = 0.0  # hint KD on the question-conditioned feature maps (models with MultimodalOutput.spatial)
     temperature: float = 4.0
     tau: float = 0.1
     feature_kind: str = "cosine"
@@ -169,8 +171,11 @@ def validate(cfg: Config) -> Config:
         if phase.lr <= 0:
             raise ConfigError(f"{name}.lr must be > 0, got {phase.lr}")
     for name in ("teacher", "student"):
-        if getattr(cfg, name).schedule not in ("cosine", "constant"):
-            raise ConfigError(f"{name}.schedule must be 'cosine' or 'constant', got {getattr(cfg, name).schedule!r}")
+        if getattr(cfg, name).schedule not in ("cosine", "constant", "wsd"):
+            raise ConfigError(f"{name}.schedule must be 'cosine', 'constant' or 'wsd', "
+                              f"got {getattr(cfg, name).schedule!r}")
+        if not 0.0 < getattr(cfg, name).decay_fraction <= 1.0:
+            raise ConfigError(f"{name}.decay_fraction must be in (0, 1], got {getattr(cfg, name).decay_fraction!r}")
     if cfg.loss.feature_kind not in ("mse", "cosine"):
         raise ConfigError(f"loss.feature_kind must be 'mse' or 'cosine', got {cfg.loss.feature_kind!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.tau <= 0:

@@ -111,10 +111,10 @@ def run_baselines(cfg: Config, data: Any, teacher: nn.Module, out: Path, dist: A
                                     dist=dist, progress=progress, train_split=train_split)
                 accs.append(model_metrics(model, data, cfg)[0]["accuracy"])
             results[f"{regime}_{kind}"] = _mean_std(accs)
-    if b.include_single_modality:
-        for name in ("image_only_small", "text_only_small"):
+    if b.include_single_modality:  # the student's own architecture, blind to one modality
+        for name in ("image_only", "text_only"):
             model = train_phase("student", phase, ce_w, data, out / name, cfg, resume=True, seed=cfg.seed,
-                                dist=dist, progress=progress, model_name=name)
+                                dist=dist, progress=progress, model_name=name, model_kwargs={"base": phase.model})
             results[name] = model_metrics(model, data, cfg)[0]["accuracy"]
     return results
 
@@ -182,6 +182,6 @@ def print_table(metrics: Mapping[str, Any]) -> None:
         for key in ("a_full_kd", "a_full_scratch", "b_few_kd", "b_few_scratch"):
             if key in b:
                 print(f"{key:16s} {b[key]['mean']:.4f} +- {b[key]['std']:.4f}  ({len(b[key]['values'])} seeds)")
-        for key in ("image_only_small", "text_only_small"):
+        for key in ("image_only", "text_only"):
             if key in b:
                 print(f"{key:16s} {b[key]:.4f}")

@@ -10,6 +10,10 @@ Terms:
     relational  the student's in-batch image-text similarity matrix matched to the teacher's (affinity
                 mimicking, as in TinyCLIP / CLIP-KD): KL of row-wise (image->text) and column-wise
                 (text->image) softmaxes at temperature tau
+    spatial     hint learning (FitNets) on the question-conditioned feature maps: a learned 1x1 conv maps the
+                student's (B, Cs, h, w) map onto the teacher's per-channel standardised (B, Ct, h, w) map, MSE.
+                The pooled vectors above say *what* the teacher concluded; the map says *where* it looked,
+                a dense signal that carries a small student off the text-only plateau (see the c8 config)
 """
 from __future__ import annotations
 
@@ -82,6 +86,30 @@ class FeatureKD(nn.Module):
         return total / len(FEATURES)
 
 
+class SpatialKD(nn.Module):
+    """MSE between the projected student map and the teacher's map standardised per channel over the batch.
+
+    Standardising makes the target's scale independent of how large the teacher's activations grew; maps of
+    different sizes are average-pooled to the smaller one."""
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_channels, 1)
+
+    def forward(self, s: MultimodalOutput, t: MultimodalOutput, labels: torch.Tensor, **_: object) -> torch.Tensor:
+        if s.spatial is None or t.spatial is None:
+            who = "student" if s.spatial is None else "teacher"
+            raise ValueError(f"the spatial loss needs a feature map from the {who} (MultimodalOutput.spatial is "
+                             "None); set loss.spatial = 0 for models without one")
+        ps = self.proj(s.spatial.float())  # (B, Ct, hs, ws)
+        pt = t.spatial.float().detach()  # (B, Ct, ht, wt)
+        size = (min(ps.shape[2], pt.shape[2]), min(ps.shape[3], pt.shape[3]))
+        ps, pt = F.adaptive_avg_pool2d(ps, size), F.adaptive_avg_pool2d(pt, size)
+        mean = pt.mean(dim=(0, 2, 3), keepdim=True)
+        std = pt.std(dim=(0, 2, 3), keepdim=True)
+        return F.mse_loss(ps, (pt - mean) / (std + 1e-5))
+
+
 def similarity(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """In-batch cosine similarity (B, B) between L2-normalised image and text embeddings."""
     return F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
@@ -118,12 +146,21 @@ def _make_feature(student_dims: Mapping[str, int], teacher_dims: Mapping[str, in
     return FeatureKD(student_dims, teacher_dims, feature_kind)
 
 
+@LOSSES.register("spatial")
+def _make_spatial(student_dims: Mapping[str, int], teacher_dims: Mapping[str, int], **_: object) -> nn.Module:
+    for who, dims in (("student", student_dims), ("teacher", teacher_dims)):
+        if "spatial" not in dims:
+            raise ValueError(f"the spatial loss needs a feature map from the {who}, whose output has none; "
+                             "set loss.spatial = 0")
+    return SpatialKD(student_dims["spatial"], teacher_dims["spatial"])
+
+
 @LOSSES.register("relational")
 def _make_relational(tau: float = 0.1, **_: object) -> nn.Module:
     return RelationalKD(tau)
 
 
-NEEDS_TEACHER = {"kd", "feature", "relational"}
+NEEDS_TEACHER = {"kd", "feature", "relational", "spatial"}
 
 
 class WeightedLoss(nn.Module):
@@ -153,5 +190,8 @@ class WeightedLoss(nn.Module):
 
 
 def output_dims(out: MultimodalOutput) -> Dict[str, int]:
-    """Feature sizes of a model's output, for building ``FeatureKD`` projections."""
-    return {k: int(getattr(out, k).shape[-1]) for k in FEATURES}
+    """Feature sizes of a model's output, for building the ``FeatureKD`` and ``SpatialKD`` projections."""
+    dims = {k: int(getattr(out, k).shape[-1]) for k in FEATURES}
+    if getattr(out, "spatial", None) is not None:
+        dims["spatial"] = int(out.spatial.shape[1])  # channels of (B, C, h, w)
+    return dims

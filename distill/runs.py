@@ -12,12 +12,16 @@ Layout::
 
 ``which`` is ``teacher`` or ``student``; a ``RUN/teacher`` folder is also what ``--teacher DIR`` accepts.
 Every file is written atomically (temp file + ``os.replace``), so a kill -9 leaves the previous version.
+Every checkpoint records its own sha256 in its safetensors header (``mmkd.sha256``) and is verified on load, so a
+bit flipped at rest is refused instead of silently loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -29,6 +33,9 @@ from distill.errors import CheckpointError
 
 MODEL_FILE = "model.json"
 TOKENIZER_FILE = "tokenizer.json"
+CHECKSUM_KEY = "mmkd.sha256"  # safetensors metadata key holding the file's own sha256
+_UNSET = "0" * 64  # the digest field's content while the digest is computed (on write and on verify)
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
@@ -62,25 +69,81 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Atomic safetensors write (contiguous CPU copies, so shared or strided tensors are fine)."""
+def checkpoint_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
+    """safetensors bytes whose header records the sha256 of the whole file (taken with that field zeroed).
+
+    The record lives inside the one file that is written atomically, not in a second file: a kill -9 between two
+    writes could otherwise leave good weights beside a stale record, and ``--resume`` would refuse them."""
     from safetensors.torch import save
 
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(flat))
+    blob = bytearray(save(flat, metadata={**(metadata or {}), CHECKSUM_KEY: _UNSET}))
+    at = _digest_offset(blob)
+    blob[at:at + 64] = hashlib.sha256(blob).hexdigest().encode()
+    return bytes(blob)
+
+
+def _digest_offset(head: bytes | bytearray) -> int:
+    """Where the recorded digest starts in ``head`` (the 8-byte length + JSON header), -1 if absent.
+    In the JSON the marker can only be the metadata entry: inside any other string its quotes are escaped."""
+    marker = f'"{CHECKSUM_KEY}":"'.encode()
+    at = head.find(marker)
+    return -1 if at < 0 else at + len(marker)
+
+
+def _corrupt(path: Path, why: object) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is truncated or corrupt ({why}); "
+                           "resume from another checkpoint or retrain")
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint whose bytes differ from the sha256 recorded in its header.
+
+    A file without a record (written before mmkd recorded them) loads with a warning, so old runs stay usable."""
+    with open(path, "rb") as f:
+        size = f.read(8)
+        n = int.from_bytes(size, "little") if len(size) == 8 else -1
+        if not 0 < n <= _MAX_HEADER:
+            raise _corrupt(path, "no safetensors header")
+        head = size + f.read(n)
+        try:
+            recorded = (json.loads(head[8:]).get("__metadata__") or {}).get(CHECKSUM_KEY)
+        except (ValueError, AttributeError) as exc:  # bad JSON, bad UTF-8, or not an object
+            raise _corrupt(path, f"unreadable header: {exc}") from None
+        if recorded is None:
+            warnings.warn(f"checkpoint {path} has no recorded sha256 (written by an older mmkd): loaded unverified",
+                          stacklevel=3)
+            return
+        at = _digest_offset(head)
+        if at < 0:
+            raise _corrupt(path, f"{CHECKSUM_KEY} is not where mmkd writes it")
+        digest = hashlib.sha256(head[:at] + _UNSET.encode() + head[at + 64:])
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != recorded:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the sha256 recorded in it (recorded {str(recorded)[:16]}..., "
+            f"file {digest.hexdigest()[:16]}...): it was damaged or changed after it was written; load another "
+            "checkpoint of the run (best / last / resume.safetensors), restore it from a copy, or retrain")
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Atomic safetensors write with its sha256 recorded inside (contiguous CPU copies, so shared or strided
+    tensors are fine)."""
+    return atomic_write_bytes(path, checkpoint_bytes(tensors))
 
 
 def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Load a checkpoint after checking its recorded sha256; any damage is a CheckpointError naming the file."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    verify_checkpoint(path)
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises SafetensorError / OSError without naming the file
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({exc}); resume from another checkpoint or retrain"
-        ) from exc
+        raise _corrupt(path, exc) from exc
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -165,16 +228,13 @@ def save_train_state(model_dir: Path, step_module: nn.Module, optimizer: torch.o
     goes into ONE file, ``resume.safetensors``, written atomically: a kill -9 at any instant leaves either the
     previous snapshot or the new one, never a mix. ``last.safetensors`` (model only, loadable like ``best``)
     and ``last.state.json`` (for people and tools) are convenience copies written after it."""
-    from safetensors.torch import save
-
     model_dir = Path(model_dir)
     opt = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in step_module.model.state_dict().items()}
     tensors.update({f"loss.{k}": v for k, v in step_module.loss.state_dict().items()})
     tensors.update({f"optim.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)})
     meta = json.dumps({**state, "param_groups": opt["param_groups"]}, sort_keys=True)
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(model_dir / "resume.safetensors", save(flat, metadata={"state": meta}))
+    atomic_write_bytes(model_dir / "resume.safetensors", checkpoint_bytes(tensors, {"state": meta}))
     save_tensors(model_dir / "last.safetensors", step_module.model.state_dict())
     atomic_write_json(model_dir / "last.state.json", dict(state))
 
@@ -186,9 +246,13 @@ def load_train_state(model_dir: Path, step_module: nn.Module, optimizer: torch.o
     path = Path(model_dir) / "resume.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: nothing to resume from")
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    verify_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError, a missing "state" entry, bad JSON: none of them name the file
+        raise _corrupt(path, exc) from exc
     groups: Dict[str, Dict[str, torch.Tensor]] = {"model": {}, "loss": {}, "optim": {}}
     for key, value in tensors.items():
         head, rest = key.split(".", 1)

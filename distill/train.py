@@ -146,7 +146,8 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
 
 
 def _loss_weights(cfg: Config) -> Dict[str, float]:
-    return {"ce": cfg.loss.ce, "kd": cfg.loss.kd, "feature": cfg.loss.feature, "relational": cfg.loss.relational}
+    return {"ce": cfg.loss.ce, "kd": cfg.loss.kd, "feature": cfg.loss.feature, "relational": cfg.loss.relational,
+            "spatial": cfg.loss.spatial}
 
 
 def _seed_everything(cfg: Config) -> None:
@@ -185,13 +186,20 @@ class StepModule(nn.Module):
 
 
 def lr_at(step: int, phase: PhaseConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to zero at ``phase.steps`` (or constant: the FiLM teacher's
-    breakthrough comes late, and a decaying rate can stall it before it happens)."""
+    """Linear warmup to ``lr``, then cosine decay to zero at ``phase.steps``; or constant (the FiLM models'
+    breakthrough comes late, and a decaying rate can stall it before it happens); or warmup-stable-decay
+    ("wsd"): constant, then cosine to zero over the last ``decay_fraction`` of the steps, which keeps the
+    breakthrough and still settles the weights at the end."""
     if step < phase.warmup_steps:
         return phase.lr * (step + 1) / phase.warmup_steps
     if phase.schedule == "constant":
         return phase.lr
-    progress = (step - phase.warmup_steps) / max(1, phase.steps - phase.warmup_steps)
+    start = phase.warmup_steps
+    if phase.schedule == "wsd":
+        start = max(start, phase.steps - int(round(phase.decay_fraction * phase.steps)))
+        if step < start:
+            return phase.lr
+    progress = (step - start) / max(1, phase.steps - start)
     return phase.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -26,7 +26,7 @@ from server.api_kserve import KServeServicer
 from server.api_v1 import InferenceServicer
 from server.auth import BearerTokenInterceptor, read_tokens
 from server.engine import Engine
-from server.errors import ConfigError
+from server.errors import ConfigError, ServerError
 from server.logs import fields
 from server.metrics import ServerMetrics
 from server.model import ServedModel, discover, load_model
@@ -49,6 +49,7 @@ class InferenceServer:
         self.engine = Engine(settings, self.metrics)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.rpc_limit: int | None = None  # maximum_concurrent_rpcs, fixed at start()
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task | None = None
@@ -56,10 +57,13 @@ class InferenceServer:
     async def start(self) -> int:
         """Open the port, load and warm every model, turn health SERVING; returns the bound gRPC port."""
         s = self.settings
-        self._server = grpc.aio.server(interceptors=self._interceptors(), options=[
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0)])
+        # Past this many RPCs in the server, gRPC answers RESOURCE_EXHAUSTED before any handler runs (a stream counts
+        # once), so a backlog cannot build up in front of the batchers' own queue check.
+        self.rpc_limit = s.rpc_limit(self._model_count())
+        self._server = grpc.aio.server(interceptors=self._interceptors(), maximum_concurrent_rpcs=self.rpc_limit,
+                                       options=[("grpc.max_receive_message_length", s.max_message_bytes),
+                                                ("grpc.max_send_message_length", s.max_message_bytes),
+                                                ("grpc.so_reuseport", 0)])
         for service in ("", *SERVICES):
             await self._set_health(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -71,7 +75,8 @@ class InferenceServer:
             self.metrics_port = self.metrics.start_http(s.host, s.metrics_port)
         await self._server.start()
         log.info("listening", extra=fields(address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
-                                           tls=s.tls_cert is not None, auth=s.auth_token_file is not None))
+                                           tls=s.tls_cert is not None, auth=s.auth_token_file is not None,
+                                           max_concurrent_rpcs=self.rpc_limit))
         models = await asyncio.get_running_loop().run_in_executor(None, self._load_models)
         for model in models:
             self.engine.add(model)
@@ -82,6 +87,15 @@ class InferenceServer:
             await self._set_health(service, SERVING)
         log.info("serving", extra=fields(port=self.port, models=self.engine.models.names(), settings=s.to_dict()))
         return self.port
+
+    def _model_count(self) -> int:
+        """How many models the derived RPC limit must make room for (a bad repository fails later, in loading)."""
+        if self.settings.models:
+            return len(self.settings.models)
+        try:
+            return len(discover(self.settings.model_repository))
+        except (ServerError, OSError):
+            return 1
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         s = self.settings

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a request at once when no batch of its model is computing, instead of waiting the "
                         "queue delay (default on; --no-eager-dispatch waits like Triton)")
     p.add_argument("--max-queue-size", type=int, help="queued requests per model before RESOURCE_EXHAUSTED (256)")
+    p.add_argument("--max-concurrent-rpcs", type=int,
+                   help="RPCs in the server at once (streams count once) before gRPC itself refuses new ones with "
+                        "RESOURCE_EXHAUSTED (default 0: every model's queue and batches plus 64)")
     p.add_argument("--instances", type=int, help="batches of one model that may run at once (default 1)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when it really loads)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")

@@ -20,6 +20,7 @@ from server.errors import ConfigError
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 ENV_PREFIX = "MMKD_"
+RPC_HEADROOM = 64  # RPC slots beyond the models' queues: health checks and watches, metadata calls, streams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,7 @@ class ServerSettings:
     eager_dispatch: bool = True  # a request that finds the model idle runs at once instead of waiting the delay
     max_queue_size: int = 256  # queued requests per model before RESOURCE_EXHAUSTED
     instances: int = 1  # batches of one model that may run at once
+    max_concurrent_rpcs: int = 0  # RPCs in the server at once before gRPC refuses (RESOURCE_EXHAUSTED); 0: derived
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
     tls_cert: Path | None = None
@@ -70,6 +72,14 @@ class ServerSettings:
         return InputLimits(max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels,
                            max_text_chars=self.max_text_chars)
 
+    def rpc_limit(self, models: int) -> int:
+        """The `maximum_concurrent_rpcs` handed to gRPC for `models` served models: the explicit setting, or every
+        model's full queue and running batches plus RPC_HEADROOM (so gRPC refuses only what the models' own queues
+        could never take, and the queue check keeps refusing per model)."""
+        if self.max_concurrent_rpcs:
+            return self.max_concurrent_rpcs
+        return max(1, models) * (self.max_queue_size + self.instances * self.max_batch_size) + RPC_HEADROOM
+
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -93,7 +103,7 @@ class ServerSettings:
 
 
 _INT_FIELDS = ("port", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
-               "inline_preprocess_bytes",
+               "inline_preprocess_bytes", "max_concurrent_rpcs",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
 _FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s")
 
@@ -136,6 +146,9 @@ def _value_problems(s: ServerSettings) -> list[str]:
             problems.append(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.inline_preprocess_bytes < 0:
         problems.append(f"inline_preprocess_bytes must be >= 0, got {s.inline_preprocess_bytes}")
+    if s.max_concurrent_rpcs < 0:
+        problems.append(f"max_concurrent_rpcs must be >= 1, or 0 to derive it from the queues, "
+                        f"got {s.max_concurrent_rpcs}")
     if s.intra_op_threads < 0:
         problems.append(f"intra_op_threads must be >= 0, got {s.intra_op_threads}")
     if s.grace_s < 0:

@@ -156,6 +156,94 @@ def test_a_damaged_checkpoint_error_is_a_checkpoint_error_naming_the_file(tmp_pa
         load_tensors(path)
 
 
+def _flip_tensor_data(path: Path) -> None:
+    """Flip one bit in the middle of the tensor data (past the 8-byte length and the JSON header): the damage
+    safetensors itself cannot see, since every offset and shape still fits."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    data[start + (len(data) - start) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _student_dir(root: Path) -> Path:
+    """A RUN/student folder (card + best and last checkpoints) of the tiny student."""
+    from distill.models import create_model
+    from distill.runs import write_model_card
+
+    torch.manual_seed(0)
+    model = create_model("student_tiny", num_labels=3, vocab_size=20)
+    (root / "tok.json").write_text("{}")
+    write_model_card(root / "student", model_name="student_tiny", model_kwargs={"num_labels": 3, "vocab_size": 20},
+                     labels=["a", "b", "c"], preprocess={"image_size": 64}, tokenizer_src=root / "tok.json")
+    for tag in ("best", "last"):
+        save_tensors(root / "student" / f"{tag}.safetensors", model.state_dict())
+    return root / "student"
+
+
+@pytest.mark.parametrize("tag", ["best", "last"])
+def test_a_flipped_bit_in_the_tensor_data_is_refused_naming_the_file(tmp_path, tag):
+    from distill.errors import CheckpointError
+    from distill.runs import load_model_dir
+
+    model_dir = _student_dir(tmp_path)
+    if tag == "last":
+        (model_dir / "best.safetensors").unlink()  # load_model_dir falls back to last
+    load_model_dir(model_dir)  # whole: loads
+    _flip_tensor_data(model_dir / f"{tag}.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{tag}\.safetensors does not match the sha256") as err:
+        load_model_dir(model_dir)
+    assert "another checkpoint" in str(err.value)  # says what to do
+
+
+class _Step(nn.Module):
+    """What the trainer checkpoints: the model and the loss's learned heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.loss = _model(), nn.Linear(3, 2)
+
+
+def _resume_dir(root: Path) -> tuple[Path, _Step, torch.optim.Optimizer]:
+    from distill.runs import save_train_state
+
+    step = _Step()
+    opt = torch.optim.AdamW(step.parameters(), lr=1e-3)
+    step.loss(step.model(torch.randn(4, 8))).sum().backward()
+    opt.step()
+    save_train_state(root, step, opt, {"step": 7, "done": False})
+    return root, step, opt
+
+
+@pytest.mark.parametrize("where", ["tensor data", "resume state in the header"])
+def test_a_damaged_resume_checkpoint_is_refused_naming_the_file(tmp_path, where):
+    from distill.errors import CheckpointError
+    from distill.runs import load_train_state
+
+    model_dir, step, opt = _resume_dir(tmp_path)
+    assert load_train_state(model_dir, step, opt)["step"] == 7
+    path = model_dir / "resume.safetensors"
+    if where == "tensor data":
+        _flip_tensor_data(path)
+    else:  # "step": 7 -> "step": 6, still valid JSON: only the recorded sha256 can tell
+        data = path.read_bytes()
+        assert data.count(b'\\"step\\": 7') == 1
+        path.write_bytes(data.replace(b'\\"step\\": 7', b'\\"step\\": 6'))
+    with pytest.raises(CheckpointError, match=r"resume\.safetensors does not match the sha256"):
+        load_train_state(model_dir, step, opt)
+
+
+def test_a_checkpoint_written_before_checksums_loads_with_a_warning(tmp_path):
+    """Old run folders stay usable: no record means a warning, not a refusal."""
+    from safetensors.torch import save_file
+
+    model = _model()
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.warns(UserWarning, match="no recorded sha256"):
+        state = load_tensors(path)
+    assert set(state) == set(model.state_dict())
+
+
 # ---- training killed at random points ---------------------------------------------------------------------------
 
 def _state(run: Path, which: str) -> dict:

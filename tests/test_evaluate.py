@@ -49,4 +49,6 @@ def test_baselines_report_both_regimes_and_single_modality(tmp_path: Path) -> No
     for key in ("a_full_kd", "a_full_scratch", "b_few_kd", "b_few_scratch"):
         assert len(b[key]["values"]) == 2 and b[key]["std"] >= 0.0
     assert b["few_labels"] == 40 and b["transfer_unlabelled"] == 240
-    assert 0.0 <= b["image_only_small"] <= 1.0 and 0.0 <= b["text_only_small"] <= 1.0
+    assert 0.0 <= b["image_only"] <= 1.0 and 0.0 <= b["text_only"] <= 1.0
+    blind = json.loads((out / "baselines" / "image_only" / "model.json").read_text())
+    assert blind["model_kwargs"]["base"] == "student_tiny"  # the configured student, blind to the question

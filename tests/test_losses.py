@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import FeatureKD, HardCE, RelationalKD, SoftKD, WeightedLoss, output_dims
+from distill.losses import FeatureKD, HardCE, RelationalKD, SoftKD, SpatialKD, WeightedLoss, output_dims
 from distill.models import MultimodalOutput, create_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -78,6 +78,29 @@ def test_relational_kd_hand_value() -> None:
     assert RelationalKD(tau)(s, s, torch.tensor([0, 0])).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_spatial_kd_hand_value_against_the_standardised_teacher_map() -> None:
+    # teacher map (B=2, C=1, 1x2): values [0, 2] and [2, 4] -> mean 2, std (unbiased) sqrt(8/3)
+    t_map = torch.tensor([[[[0.0, 2.0]]], [[[2.0, 4.0]]]])
+    s_map = torch.zeros(2, 1, 1, 2)
+    loss = SpatialKD(1, 1)
+    torch.nn.init.ones_(loss.proj.weight)
+    torch.nn.init.zeros_(loss.proj.bias)
+    s = _out([[0.0], [0.0]])._replace(spatial=s_map)
+    t = _out([[0.0], [0.0]])._replace(spatial=t_map)
+    std = math.sqrt(8.0 / 3.0)
+    expected = sum(((v - 2.0) / std) ** 2 for v in (0.0, 2.0, 2.0, 4.0)) / 4
+    assert loss(s, t, torch.tensor([0, 0])).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_spatial_kd_pools_the_larger_map_and_names_a_missing_one() -> None:
+    loss = SpatialKD(3, 5)
+    s = _out([[0.0]])._replace(spatial=torch.randn(1, 3, 16, 16))
+    t = _out([[0.0]])._replace(spatial=torch.randn(1, 5, 8, 8))
+    assert torch.isfinite(loss(s, t, torch.tensor([0])))
+    with pytest.raises(ValueError, match="feature map from the teacher"):
+        loss(s, _out([[0.0]]), torch.tensor([0]))
+
+
 def test_weighted_loss_sums_named_terms_by_weight() -> None:
     s, t = _out([[0.0, 0.0]]), _out([[2.0, 0.0]])
     labels = torch.tensor([0])
@@ -98,7 +121,7 @@ def test_gradients_reach_every_student_parameter() -> None:
     with torch.no_grad():
         t = teacher(x, ids, mask)
     s = student(x, ids, mask)
-    loss = WeightedLoss({"ce": 1.0, "kd": 1.0, "feature": 1.0, "relational": 1.0},
+    loss = WeightedLoss({"ce": 1.0, "kd": 1.0, "feature": 1.0, "relational": 1.0, "spatial": 1.0},
                         student_dims=output_dims(s), teacher_dims=output_dims(t))
     total, parts = loss(s, t, torch.tensor([0, 1, 2, -1]))
     total.backward()

@@ -56,3 +56,18 @@ def test_every_flag_maps_to_a_setting():
     fields = {f.name for f in dataclasses.fields(ServerSettings)}
     dests = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert dests <= fields
+
+
+def test_max_concurrent_rpcs_is_derived_from_the_queues_unless_given():
+    s = ServerSettings(model_repository="m", max_queue_size=100, max_batch_size=10, instances=2)
+    assert s.max_concurrent_rpcs == 0  # derived: every model's queue and running batches, plus headroom
+    assert s.rpc_limit(1) == 100 + 2 * 10 + 64 and s.rpc_limit(3) == 3 * (100 + 2 * 10) + 64
+    assert ServerSettings(model_repository="m", max_concurrent_rpcs=7).rpc_limit(3) == 7
+    args = vars(build_parser().parse_args(["--max-concurrent-rpcs", "500"]))
+    assert ServerSettings.from_sources(args, {"MMKD_MODEL_REPOSITORY": "m"}).max_concurrent_rpcs == 500
+    env = {"MMKD_MODEL_REPOSITORY": "m", "MMKD_MAX_CONCURRENT_RPCS": "300"}
+    assert ServerSettings.from_sources({}, env).max_concurrent_rpcs == 300
+    with pytest.raises(ConfigError, match="max_concurrent_rpcs must be >= 1, or 0"):
+        ServerSettings(model_repository="m", max_concurrent_rpcs=-1)
+    with pytest.raises(ConfigError, match="max_concurrent_rpcs must be an int"):
+        ServerSettings(model_repository="m", max_concurrent_rpcs=1.5)

@@ -10,6 +10,7 @@ import torch
 
 from distill.cli import main
 from distill.config import load_config
+from distill.errors import ConfigError
 from distill.runs import load_model
 from distill.train import lr_at
 
@@ -74,3 +75,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     lrs = [lr_at(s, phase) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_wsd_schedule_holds_then_decays_over_the_last_share() -> None:
+    phase = load_config("tiny", ["student.steps=100", "student.warmup_steps=10", "student.lr=1.0",
+                                 "student.schedule=wsd", "student.decay_fraction=0.25"]).student
+    lrs = [lr_at(s, phase) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and lrs[74] == pytest.approx(1.0)  # stable until 75% of the steps
+    assert all(a >= b for a, b in zip(lrs[75:], lrs[76:])) and lrs[-1] < 0.01 and lrs[80] < 1.0
+
+
+def test_wsd_rejects_a_decay_fraction_outside_0_1() -> None:
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        load_config("tiny", ["student.schedule=wsd", "student.decay_fraction=1.5"])

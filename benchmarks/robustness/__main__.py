@@ -4,7 +4,8 @@
     python -m benchmarks.robustness overload --model-repository runs/bundles --model student --duration 60
     python -m benchmarks.robustness soak --model-repository runs/bundles --model student --duration 600
 
-`--tiny` builds the tiny test bundle in a temporary folder (to check the harness itself). Results go to
+`--tiny` builds the tiny test bundle in a temporary folder (to check the harness itself). Overload and soak send
+from `--workers` processes (default: one per core) so that the client can really offer 2x capacity. Results go to
 `--out` (default runs/robustness) as JSON and markdown; the exit code is 1 when a check failed.
 """
 
@@ -17,14 +18,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc
-
 from benchmarks.machine import describe_machine
 from benchmarks.robustness import report
-from benchmarks.robustness.client import CHANNEL_OPTIONS, Caller
 from benchmarks.robustness.fuzz import run_fuzz
 from benchmarks.robustness.overload import run_overload, run_soak
 from benchmarks.robustness.target import Target, build_tiny_repository
+from benchmarks.robustness.workers import default_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds of load (acceptance: overload 60, soak 600)")
             p.add_argument("--capacity-s", type=float, default=5.0, help="seconds to measure capacity")
             p.add_argument("--capacity-rps", type=float, help="skip the measurement and use this capacity")
+            p.add_argument("--workers", type=int, default=default_workers(),
+                           help="load-generating processes (default: one per core, 2..16)")
         if kind == "overload":
             p.add_argument("--factor", type=float, default=2.0)
             p.add_argument("--recovery", type=float, default=10.0)
@@ -59,18 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def run(args: argparse.Namespace, target: Target) -> dict:
-    async with grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS) as channel:
-        caller = Caller(channel)
-        if args.kind == "overload":
-            return await run_overload(caller, args.model, read_rss=target.rss_mb, read_metrics=target.metrics,
-                                      duration_s=args.duration, factor=args.factor, recovery_s=args.recovery,
-                                      capacity_s=args.capacity_s, timeout_s=args.timeout,
-                                      capacity_rps=args.capacity_rps)
-        if args.kind == "soak":
-            return await run_soak(caller, args.model, read_rss=target.rss_mb, duration_s=args.duration,
-                                  fraction=args.fraction, invalid_ratio=args.invalid_ratio,
-                                  capacity_s=args.capacity_s, capacity_rps=args.capacity_rps)
+def run(args: argparse.Namespace, target: Target) -> dict:
+    """Overload and soak block on their worker processes; only the fuzzer runs in this process's event loop."""
+    if args.kind == "overload":
+        return run_overload(target.address, args.model, read_rss=target.rss_mb, read_metrics=target.metrics,
+                            workers=args.workers, duration_s=args.duration, factor=args.factor,
+                            recovery_s=args.recovery, capacity_s=args.capacity_s, timeout_s=args.timeout,
+                            capacity_rps=args.capacity_rps, seed=args.seed)
+    if args.kind == "soak":
+        return run_soak(target.address, args.model, read_rss=target.rss_mb, workers=args.workers,
+                        duration_s=args.duration, fraction=args.fraction, invalid_ratio=args.invalid_ratio,
+                        capacity_s=args.capacity_s, capacity_rps=args.capacity_rps, seed=args.seed)
+    return asyncio.run(run_fuzz_with_memory(args, target))
+
+
+async def run_fuzz_with_memory(args: argparse.Namespace, target: Target) -> dict:
     before = target.rss_mb()
     result = await run_fuzz(target.address, args.model, requests=args.requests, seed=args.seed,
                             concurrency=args.concurrency, alive=target.alive,
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting mmkd-serve on {repo} (model {args.model})", file=sys.stderr)
         with Target(repo, args.model, args.out / "logs", max_batch_size=args.max_batch_size,
                     extra=args.server_arg) as target:
-            result = asyncio.run(run(args, target))
+            result = run(args, target)
     result["command"] = "python -m benchmarks.robustness " + shlex.join(argv if argv is not None else sys.argv[1:])
     json_path, md_path = report.save(args.out, args.kind, result, describe_machine())
     print(report.markdown(args.kind, {**result, "machine": describe_machine().label()}))

@@ -46,11 +46,15 @@ def markdown(kind: str, data: dict) -> str:
         lines += ["| check | ok |", "| --- | --- |"]
         lines += [f"| {k} | {'inconclusive (client-limited)' if v is None else v} |" for k, v in checks.items()]
         if data.get("client_limited"):
-            lines += ["", "The load generator could not send the offered rate on this machine (see really_sent_rps"
-                      " and CLIENT_OVERLOAD): latency checks are inconclusive; run the client on more cores."]
+            lines += ["", f"The load generator ({data.get('workers')} worker processes) sent less than 90 % of the "
+                      "offered rate (achieved_rps, CLIENT_OVERLOAD): latency checks are inconclusive; give it more "
+                      "cores (--workers, or a second machine)."]
+        if "headline" in data:
+            lines += ["", "| figure | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v} |" for k, v in data["headline"].items()]
         lines.append("")
-        for key in ("capacity_rps", "client_limited", "rate_rps", "overload", "recovery", "server_metrics", "rss_mb",
-                    "sent",
+        for key in ("capacity_rps", "workers", "client_limited", "rate_rps", "offered_rps", "achieved_rps",
+                    "overload", "recovery", "server_metrics", "rss_mb", "sent",
                     "valid_sent", "valid_failed", "invalid_sent", "invalid_wrong_code", "codes", "window_p99_ms",
                     "p99_halves_after_warmup_ms", "p99_second_over_first_half"):
             if key in data:

@@ -50,8 +50,8 @@ class CLIPTeacher(nn.Module):
         image = self.clip.visual_projection(v.pooler_output)  # (B, E)
         t = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         text = self.clip.text_projection(t.pooler_output)  # (B, E)
-        fused = self.fusion(feats, text)
-        return MultimodalOutput(self.classifier(fused, image, text), image, text, fused)
+        fused, spatial = self.fusion(feats, text)
+        return MultimodalOutput(self.classifier(fused, image, text), image, text, fused, spatial)
 
 
 def clip_teacher_kwargs(path: Path) -> Dict[str, Any]:

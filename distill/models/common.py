@@ -5,7 +5,7 @@ its reshapes; these modules only reshape along the feature axis, so batch and se
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +19,9 @@ class MultimodalOutput(NamedTuple):
     image_embed: torch.Tensor  # (B, E) shared image-text space
     text_embed: torch.Tensor  # (B, E)
     fused: torch.Tensor  # (B, F) the representation the classifier reads
+    # (B, C, h, w) the question-conditioned feature map before pooling: the dense hint spatial KD matches.
+    # Not exported (the ONNX graph keeps only (B, D) outputs).
+    spatial: Optional[torch.Tensor] = None
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,7 @@ class FiLMBlock(nn.Module):
 
 class FiLMFusion(nn.Module):
     """The question (B, D) generates (gamma, beta) for each block applied over image features (B, C, H, W);
-    a 1x1 conv and global max pool give the fused vector (B, head)."""
+    a 1x1 conv and global max pool give the fused vector (B, head). Returns (fused, the last block's map)."""
 
     def __init__(self, text_dim: int, channels: int, blocks: int, head: int, depthwise: bool = False,
                  pool: str = "max") -> None:
@@ -70,15 +73,15 @@ class FiLMFusion(nn.Module):
         self.blocks = nn.ModuleList(FiLMBlock(channels, depthwise) for _ in range(blocks))
         self.head = nn.Conv2d(channels, head, 1)
 
-    def forward(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, text: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         params = self.film(text).view(-1, self.n, 2, self.channels)  # (B, N, 2, C)
         x = feats
         for i, block in enumerate(self.blocks):
-            x = block(x, params[:, i, 0], params[:, i, 1])
+            x = block(x, params[:, i, 0], params[:, i, 1])  # (B, C, H, W)
         h = F.relu(self.head(x))  # (B, head, H, W)
         if self.pool == "maxmean":  # the mean keeps "how much" (counts), which a max alone forgets
-            return torch.cat([h.amax(dim=(2, 3)), 4.0 * h.mean(dim=(2, 3))], dim=1)  # (B, 2*head)
-        return h.amax(dim=(2, 3))  # (B, head)
+            return torch.cat([h.amax(dim=(2, 3)), 4.0 * h.mean(dim=(2, 3))], dim=1), x  # (B, 2*head)
+        return h.amax(dim=(2, 3)), x  # (B, head)
 
 
 class GRUTextEncoder(nn.Module):
