@@ -64,6 +64,10 @@ class LossConfig:
     temperature: float = 4.0
     tau: float = 0.1
     feature_kind: str = "cosine"
+    # Teacher outputs cached per augmented view: V > 0 replays the first V epochs (same batches, same augmented
+    # views) and runs the teacher only while filling them, so every later step is student-only compute. 0 = the
+    # teacher runs on every step and every step shows a new view.
+    teacher_cache_views: int = 0
 
 
 @dataclass
@@ -180,8 +184,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.feature_kind must be 'mse' or 'cosine', got {cfg.loss.feature_kind!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.tau <= 0:
         raise ConfigError("loss.temperature and loss.tau must be > 0")
-    if min(cfg.loss.ce, cfg.loss.kd, cfg.loss.feature, cfg.loss.relational) < 0:
+    if min(cfg.loss.ce, cfg.loss.kd, cfg.loss.feature, cfg.loss.relational, cfg.loss.spatial) < 0:
         raise ConfigError("loss weights must be >= 0")
+    if cfg.loss.teacher_cache_views < 0:
+        raise ConfigError(f"loss.teacher_cache_views must be >= 0, got {cfg.loss.teacher_cache_views}")
+    if cfg.loss.teacher_cache_views and cfg.loss.spatial > 0:
+        raise ConfigError("loss.spatial needs the teacher's feature maps, which are too large to cache; "
+                          "set loss.teacher_cache_views = 0 or loss.spatial = 0")
     if cfg.baselines.seeds < 1:
         raise ConfigError("baselines.seeds must be >= 1")
     return cfg

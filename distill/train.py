@@ -6,9 +6,11 @@ hard-label term, the student a phase with the distillation terms and a frozen te
 ``torchrun --nproc_per_node=N`` (DistributedDataParallel; gloo on CPU, nccl on GPU): each rank takes its slice
 of every global batch, so the step count and the effective batch do not depend on the number of processes.
 
-Teacher outputs are computed on the fly (under ``no_grad`` and bf16 autocast), not cached: with consistent
-augmentation every step shows a new view, and a cache per view would cost one teacher pass per view anyway.
-With ``augment.enabled = false`` a cache would pay off; it is not implemented.
+Teacher outputs are computed under ``no_grad`` and bf16 autocast. By default every step shows a new augmented
+view, so the teacher runs every step. ``loss.teacher_cache_views = V`` caches them per augmented view instead:
+the student replays the first V epochs (same batches, same views) and the teacher runs only while they fill,
+which on the default pair cuts the student phase's compute by about two thirds (a teacher pass costs more
+than a student step).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from distill.config import Config, PhaseConfig, load_config
 from distill.errors import CheckpointError
 from distill.losses import WeightedLoss, output_dims
 from distill.models import create_model
+from distill.models.common import MultimodalOutput
 from distill.runs import (atomic_write_json, ensure_embedded, load_data, load_model_dir, load_train_state, read_json,
                           save_train_state, save_tensors, unwrap, write_model_card)
 
@@ -266,14 +269,17 @@ def train_phase(which: str, phase: PhaseConfig, weights: Mapping[str, float], bu
     n = len(train.labels)
     per_epoch = max(1, n // phase.batch_size)
     eval_every = phase.eval_every or per_epoch
+    t_outputs = TeacherOutputs(teacher, per_epoch * cfg.loss.teacher_cache_views) if teacher is not None else None
     bar = _progress(which, phase.steps, state["step"], progress and dist.rank == 0)
     perm_cache: Dict[int, torch.Tensor] = {}
     for step in range(state["step"], phase.steps):
-        epoch, k = divmod(step, per_epoch)
+        view = t_outputs.view_of(step) if t_outputs else step  # the step whose batch and augmented view it shows
+        epoch, k = divmod(view, per_epoch)
         if epoch not in perm_cache:
             perm_cache = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 10007 + epoch))}
         idx = perm_cache[epoch][k * phase.batch_size:(k + 1) * phase.batch_size][dist.rank::dist.world]
-        parts, acc = _train_step(step, idx, step_module, opt, teacher, bundle, train, phase, cfg, seed, device)
+        parts, acc = _train_step(step, view, idx, step_module, opt, t_outputs, bundle, train, phase, cfg, seed,
+                                 device)
         bar.update(1)
         bar.set_postfix({**{k2: f"{v:.3f}" for k2, v in parts.items()}, "acc": f"{acc:.2f}"}, refresh=False)
         done = step + 1 == phase.steps
@@ -308,14 +314,42 @@ def _teacher_inputs(bundle: Any, split: Any, idx: torch.Tensor, x: torch.Tensor,
     return x, split.input_ids[idx].to(device), split.attention_mask[idx].to(device)
 
 
-def _train_step(step: int, idx: torch.Tensor, step_module: nn.Module, opt: torch.optim.Optimizer,
-                teacher: Optional[nn.Module], bundle: Any, split: Any, phase: PhaseConfig, cfg: Config, seed: int,
-                device: torch.device) -> tuple[Dict[str, float], float]:
+class TeacherOutputs:
+    """The frozen teacher's outputs for each training step, cached per augmented view when ``cycle`` > 0.
+
+    With a cycle, step s shows exactly the batch and augmented view of step s % cycle (the caller replays them),
+    so the teacher runs only for the first ``cycle`` steps and every later step costs the student alone. The
+    cache lives in memory: after --resume it refills by recomputing, which gives the same outputs."""
+
+    def __init__(self, teacher: nn.Module, cycle: int = 0) -> None:
+        self.teacher, self.cycle = teacher, cycle
+        self.calls = 0  # teacher forward passes run (the cache's effect, visible to tests and logs)
+        self._cache: Dict[int, MultimodalOutput] = {}
+
+    def view_of(self, step: int) -> int:
+        return step % self.cycle if self.cycle else step
+
+    def __call__(self, view: int, inputs: tuple) -> MultimodalOutput:
+        hit = self._cache.get(view)
+        if hit is not None:
+            return hit
+        with torch.no_grad():
+            out = self.teacher(*inputs)
+        self.calls += 1
+        if self.cycle:
+            self._cache[view] = out._replace(spatial=None)  # feature maps are too large to keep (config refuses)
+        return out
+
+
+def _train_step(step: int, view: int, idx: torch.Tensor, step_module: nn.Module, opt: torch.optim.Optimizer,
+                t_outputs: Optional[TeacherOutputs], bundle: Any, split: Any, phase: PhaseConfig, cfg: Config,
+                seed: int, device: torch.device) -> tuple[Dict[str, float], float]:
+    """One optimiser step at ``step`` (the lr) on the batch ``idx`` seen as view ``view`` (the augmentation)."""
     x = split.pixel_values[idx]  # (b, 3, H, W)
     ids, mask, labels = split.input_ids[idx], split.attention_mask[idx], split.labels[idx]
     length = max(1, int(mask.sum(1).max()))  # trim padding columns: models are mask-aware, this is only speed
     ids, mask = ids[:, :length], mask[:, :length]
-    gen = step_generator(seed, step, salt=int(os.environ.get("RANK", "0")))
+    gen = step_generator(seed, view, salt=int(os.environ.get("RANK", "0")))
     labels_b, lam = None, 1.0
     if cfg.augment.enabled:
         x = augment_images(x, gen, shift=cfg.augment.shift, brightness=cfg.augment.brightness,
@@ -327,9 +361,8 @@ def _train_step(step: int, idx: torch.Tensor, step_module: nn.Module, opt: torch
         g["lr"] = lr_at(step, phase)
     with autocast(cfg, device):
         t_out = None
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(*_teacher_inputs(bundle, split, idx, x, device, ids, mask))
+        if t_outputs is not None:
+            t_out = t_outputs(view, _teacher_inputs(bundle, split, idx, x, device, ids, mask))
         total, parts, logits = step_module(x, ids, mask, labels, t_out, labels_b, lam)
     opt.zero_grad(set_to_none=True)
     total.backward()

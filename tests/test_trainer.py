@@ -11,8 +11,8 @@ import torch
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.runs import load_model
-from distill.train import lr_at
+from distill.runs import load_data, load_model
+from distill.train import lr_at, train_phase
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -88,3 +88,37 @@ def test_wsd_schedule_holds_then_decays_over_the_last_share() -> None:
 def test_wsd_rejects_a_decay_fraction_outside_0_1() -> None:
     with pytest.raises(ConfigError, match="decay_fraction"):
         load_config("tiny", ["student.schedule=wsd", "student.decay_fraction=1.5"])
+
+
+def _distil(run_dir: Path, out: Path, overrides: list[str]) -> tuple[torch.nn.Module, int]:
+    """Distil the tiny student from the run's teacher; returns it and how many teacher forwards ran."""
+    cfg = load_config("tiny", overrides)
+    bundle = load_data(run_dir / "data", cfg, out)
+    teacher, _ = load_model(run_dir, "teacher")
+    calls: list[int] = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    student = train_phase("student", cfg.student, {"ce": 1.0, "kd": 1.0, "feature": 0.5}, bundle, out / "s", cfg,
+                          teacher=teacher, progress=False)
+    return student, len(calls) - 1  # less the one call that reads the teacher's output sizes
+
+
+def test_teacher_cache_runs_the_teacher_only_while_filling_its_views(run_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config("tiny")
+    per_epoch = len(load_data(run_dir / "data", cfg, tmp_path).splits["train"].labels) // cfg.student.batch_size
+    _, calls = _distil(run_dir, tmp_path / "cached", ["loss.teacher_cache_views=2", f"student.steps={5 * per_epoch}"])
+    assert calls == 2 * per_epoch
+    _, calls = _distil(run_dir, tmp_path / "live", [f"student.steps={5 * per_epoch}"])
+    assert calls == 5 * per_epoch
+
+
+def test_teacher_cache_changes_nothing_within_its_first_cycle(run_dir: Path, tmp_path: Path) -> None:
+    """Before any replay the cached run must be the uncached run, weight for weight (same batches, same views)."""
+    a, _ = _distil(run_dir, tmp_path / "a", ["loss.teacher_cache_views=1", "student.steps=5"])
+    b, _ = _distil(run_dir, tmp_path / "b", ["student.steps=5"])
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+def test_teacher_cache_refuses_spatial_hints() -> None:
+    with pytest.raises(ConfigError, match="teacher_cache_views"):
+        load_config("tiny", ["loss.teacher_cache_views=2", "loss.spatial=1.0"])
