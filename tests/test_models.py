@@ -58,6 +58,7 @@ def test_unknown_model_lists_known_names() -> None:
 @pytest.mark.parametrize("teacher_name, student_name", [
     ("teacher_film_base", "student_small"),
     (load_config("shapes_c8").teacher.model, load_config("shapes_c8").student.model),
+    (load_config("shapes").teacher.model, load_config("shapes").student.model),  # the default pair
 ])
 def test_teacher_is_much_larger_than_its_student(teacher_name: str, student_name: str) -> None:
     student = create_model(student_name, num_labels=24, vocab_size=200)

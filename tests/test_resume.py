@@ -20,15 +20,22 @@ from distill.errors import CheckpointError
 SETS = ["--set", "student.steps=80", "--set", "student.checkpoint_every=5", "--set", "student.eval_every=20"]
 
 
-def _cmd(out: Path, data: Path, *extra: str) -> list:
-    return [sys.executable, "-m", "distill.cli", "train", "--config", "tiny", "--out", str(out), "--data", str(data),
-            "--no-progress", *SETS, *extra]
+def _sets(reference: Path) -> list:
+    return json.loads((reference / "sets.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def _cmd(out: Path, reference: Path, *extra: str) -> list:
+    return [sys.executable, "-m", "distill.cli", "train", "--config", "tiny", "--out", str(out),
+            "--data", str(reference / "data"), "--no-progress", *_sets(reference), *extra]
+
+
+# Without and with cached teacher outputs: a resumed run refills the cache by recomputing, mid-cycle included.
+@pytest.fixture(scope="module", params=[0, 2], ids=["live-teacher", "cached-teacher"])
+def reference(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    assert main(["train", "--config", "tiny", "--out", str(out), "--no-progress", *SETS]) == 0
+    sets = [*SETS, "--set", f"loss.teacher_cache_views={request.param}"]
+    assert main(["train", "--config", "tiny", "--out", str(out), "--no-progress", *sets]) == 0
+    (out / "sets.json").write_text(json.dumps(sets))
     return out
 
 
@@ -43,7 +50,7 @@ def _state(out: Path) -> dict:
 def test_kill_9_then_resume_matches_uninterrupted_run(reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(_cmd(out, reference / "data"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(out, reference), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if 10 <= _state(out).get("step", 0) < 60:
@@ -55,7 +62,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(reference: Path, tmp_path:
     killed_at = _state(out)["step"]
     assert 0 < killed_at < 80 and not _state(out)["done"]
 
-    resumed = subprocess.run(_cmd(out, reference / "data", "--resume"), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(_cmd(out, reference, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _state(out)["done"] and _state(out)["step"] == 80
 
