@@ -90,6 +90,7 @@ class BaselineConfig:
     few_labels: int = 5000
     transfer: int = 0  # unlabelled samples used in regime (b); 0 = the whole transfer split
     include_single_modality: bool = True
+    workers: int = 1  # models trained at once in separate processes (CPU, single process runs), cores split evenly
 
 
 @dataclass
@@ -191,8 +192,8 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.teacher_cache_views and cfg.loss.spatial > 0:
         raise ConfigError("loss.spatial needs the teacher's feature maps, which are too large to cache; "
                           "set loss.teacher_cache_views = 0 or loss.spatial = 0")
-    if cfg.baselines.seeds < 1:
-        raise ConfigError("baselines.seeds must be >= 1")
+    if cfg.baselines.seeds < 1 or cfg.baselines.workers < 1:
+        raise ConfigError("baselines.seeds and baselines.workers must be >= 1")
     return cfg
 
 

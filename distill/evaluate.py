@@ -87,36 +87,77 @@ def _mean_std(values: List[float]) -> Dict[str, Any]:
 def run_baselines(cfg: Config, data: Any, teacher: nn.Module, out: Path, dist: Any, progress: bool) -> Dict[str, Any]:
     """Regime (a) full labels and (b) few labels + teacher-labelled transfer split: KD student vs the same
     student trained on labels alone, ``cfg.baselines.seeds`` seeds each, same steps; then image-only and
-    text-only student-sized models. Each model trains into its own folder under ``out`` (resumable)."""
-    from distill.train import _loss_weights, train_phase
+    text-only student-sized models. Each model trains into its own folder under ``out`` (resumable), in
+    ``cfg.baselines.workers`` processes at once when more than one."""
+    from distill.train import train_phase
+
+    b = cfg.baselines
+    few = _few_label_split(data, b, cfg.seed)
+    data.splits["few"] = few
+    data.splits["few_labelled"] = few.subset(torch.nonzero(few.labels >= 0).flatten())  # all that scratch sees
+    jobs = _baseline_jobs(cfg, data, teacher, out)
+    if b.workers > 1 and dist.world == 1 and dist.device.type == "cpu":
+        _train_in_parallel([job for group in jobs.values() for job in group], b.workers, cfg)
+    results: Dict[str, Any] = {"steps": jobs["a_full_kd"][0]["phase"].steps, "seeds": b.seeds,
+                               "few_labels": b.few_labels, "transfer_unlabelled": int((few.labels < 0).sum())}
+    for key, group in jobs.items():  # finished folders load instead of training again
+        accs = [model_metrics(train_phase(**job, dist=dist, progress=progress), data, cfg)[0]["accuracy"]
+                for job in group]
+        results[key] = _mean_std(accs) if key.endswith(("_kd", "_scratch")) else accs[0]
+    return results
+
+
+def _baseline_jobs(cfg: Config, data: Any, teacher: nn.Module, out: Path) -> Dict[str, List[Dict[str, Any]]]:
+    """Every model ``--baselines`` trains, as ``train_phase`` keyword arguments, grouped by result key."""
+    from distill.train import _loss_weights
 
     b = cfg.baselines
     phase = cfg.student if b.steps <= 0 else _with_steps(cfg.student, b.steps)
-    kd_w, ce_w = _loss_weights(cfg), {"ce": 1.0}
-    few = _few_label_split(data, b, cfg.seed)
-    results: Dict[str, Any] = {"steps": phase.steps, "seeds": b.seeds, "few_labels": b.few_labels,
-                               "transfer_unlabelled": int((few.labels < 0).sum())}
-    regimes = {"a_full": ("train", data.splits["train"]), "b_few": ("few", few)}
-    for regime, (split_name, split) in regimes.items():
-        data.splits[split_name] = split
-        for kind, weights, use_t in (("kd", kd_w, True), ("scratch", ce_w, False)):
-            train_split = split_name
-            if kind == "scratch" and regime == "b_few":  # scratch sees only the labelled part
-                data.splits["few_labelled"] = split.subset(torch.nonzero(split.labels >= 0).flatten())
-                train_split = "few_labelled"
-            accs = []
-            for seed in range(b.seeds):
-                model = train_phase("student", phase, weights, data, out / f"{regime}_{kind}_seed{seed}", cfg,
-                                    teacher=teacher if use_t else None, resume=True, seed=cfg.seed + 1000 + seed,
-                                    dist=dist, progress=progress, train_split=train_split)
-                accs.append(model_metrics(model, data, cfg)[0]["accuracy"])
-            results[f"{regime}_{kind}"] = _mean_std(accs)
+    common = {"which": "student", "phase": phase, "bundle": data, "cfg": cfg, "resume": True}
+    splits = {("a_full", "kd"): "train", ("a_full", "scratch"): "train",
+              ("b_few", "kd"): "few", ("b_few", "scratch"): "few_labelled"}
+    jobs: Dict[str, List[Dict[str, Any]]] = {}
+    for (regime, kind), split in splits.items():
+        kd = kind == "kd"
+        jobs[f"{regime}_{kind}"] = [
+            {**common, "weights": _loss_weights(cfg) if kd else {"ce": 1.0}, "teacher": teacher if kd else None,
+             "model_dir": out / f"{regime}_{kind}_seed{seed}", "seed": cfg.seed + 1000 + seed, "train_split": split}
+            for seed in range(b.seeds)]
     if b.include_single_modality:  # the student's own architecture, blind to one modality
         for name in ("image_only", "text_only"):
-            model = train_phase("student", phase, ce_w, data, out / name, cfg, resume=True, seed=cfg.seed,
-                                dist=dist, progress=progress, model_name=name, model_kwargs={"base": phase.model})
-            results[name] = model_metrics(model, data, cfg)[0]["accuracy"]
-    return results
+            jobs[name] = [{**common, "weights": {"ce": 1.0}, "model_dir": out / name, "seed": cfg.seed,
+                           "model_name": name, "model_kwargs": {"base": phase.model}}]
+    return jobs
+
+
+_PARALLEL_JOBS: List[Dict[str, Any]] = []  # read by forked workers by index: the data is shared, never pickled
+
+
+def _train_in_parallel(jobs: List[Dict[str, Any]], workers: int, cfg: Config) -> None:
+    """Train independent models in ``workers`` forked processes, the cores split between them. Small models
+    use two threads poorly (one student step: 15 it/s on 2 threads, 10 on 1, here), so two one-thread processes
+    finish the baselines sooner than one two-thread process. Each writes only its own folder."""
+    import multiprocessing
+
+    _PARALLEL_JOBS[:] = jobs
+    threads = max(1, (cfg.threads or torch.get_num_threads()) // workers)
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].get("teacher") is None)  # teacher-bound runs first
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, maxtasksperchild=1) as pool:
+            for done in pool.imap_unordered(_train_job, [(i, threads) for i in order]):
+                print(f"[baselines] finished {done}", flush=True)
+    finally:
+        _PARALLEL_JOBS.clear()
+
+
+def _train_job(args: tuple) -> str:
+    from distill.train import train_phase
+
+    index, threads = args
+    torch.set_num_threads(threads)
+    job = _PARALLEL_JOBS[index]
+    train_phase(**job, progress=False)
+    return str(job["model_dir"])
 
 
 def _with_steps(phase: Any, steps: int) -> Any:

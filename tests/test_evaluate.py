@@ -52,3 +52,16 @@ def test_baselines_report_both_regimes_and_single_modality(tmp_path: Path) -> No
     assert 0.0 <= b["image_only"] <= 1.0 and 0.0 <= b["text_only"] <= 1.0
     blind = json.loads((out / "baselines" / "image_only" / "model.json").read_text())
     assert blind["model_kwargs"]["base"] == "student_tiny"  # the configured student, blind to the question
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_baselines_in_two_processes_match_one(tmp_path: Path) -> None:
+    """The tiny config runs one thread a model either way, so worker processes must change nothing but time."""
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert main(["train", "--config", "tiny", "--out", str(out), "--baselines", "--no-progress",
+                     "--set", f"baselines.workers={workers}"]) == 0
+        runs[workers] = json.loads((out / "metrics.json").read_text())["baselines"]
+    assert runs[1] == runs[2]
