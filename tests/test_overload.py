@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.robustness.client import CHANNEL_OPTIONS, Caller
 from benchmarks.robustness.load import valid_maker
-from benchmarks.robustness.overload import run_overload, run_soak, summarize
+from benchmarks.robustness.overload import overload_rss_growth, run_overload, run_soak, summarize
 from benchmarks.robustness.target import metric, rss_mb
 from benchmarks.robustness.workers import LoadPool, Phase
 from tiny_bundle import ServerThread, build_repository, settings_for
@@ -34,8 +34,8 @@ def samples(srv) -> dict:
             for family in srv.server.metrics.registry.collect() for s in family.samples}
 
 
-async def _one_at_a_time(address: str, n: int) -> list[str]:
-    make = valid_maker("tiny")
+async def _one_at_a_time(address: str, n: int, make=None) -> list[str]:
+    make = make or valid_maker("tiny")
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         caller = Caller(channel)
         return [(await caller.call(make(i), 10.0)).code for i in range(n)]
@@ -124,3 +124,22 @@ def test_several_workers_send_one_schedule_merged_in_the_parent(repo):
     ok = summary["codes"]["OK"] + sum(r.code == "OK" for r in closed)
     assert metric(after, "mmkd_requests_total", model="tiny", code="OK") - \
         metric(before, "mmkd_requests_total", model="tiny", code="OK") == ok + 3  # + one warm-up call per worker
+
+
+def test_large_valid_images_are_jpeg_photos_the_server_accepts(repo):
+    """--image-size over 64 sends JPEG photos (decoding them is the server's work); they stay valid requests."""
+    make = valid_maker("tiny", image_size=320)
+    assert make(0).api == "mmkd" and make(0).request.image[:2] == b"\xff\xd8"  # JPEG start-of-image
+    with ServerThread(settings_for(repo)) as srv:
+        assert asyncio.run(_one_at_a_time(srv.address, 4, make)) == ["OK"] * 4
+
+
+def test_overload_memory_check_tells_a_bounded_step_from_growth():
+    """A step up at the onset of overload (the admitted requests' buffers) is flat; a steady climb is not."""
+    class Samples:  # the MemorySampler's record, written by hand: (seconds, MiB)
+        def __init__(self, mb_at):
+            self.samples = [(float(t), mb_at(t)) for t in range(61)]
+
+    assert overload_rss_growth(Samples(lambda t: 154.0 if t < 2 else 183.0 + (t % 3)), 60.0) < 0.05
+    assert overload_rss_growth(Samples(lambda t: 150.0 + 2.0 * t), 60.0) > 0.10
+    assert overload_rss_growth(Samples(lambda t: 150.0), 1.0) == float("inf")  # too short to judge

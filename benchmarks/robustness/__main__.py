@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--capacity-rps", type=float, help="skip the measurement and use this capacity")
             p.add_argument("--workers", type=int, default=default_workers(),
                            help="load-generating processes (default: one per core, 2..16)")
+            p.add_argument("--image-size", type=int, default=32,
+                           help="side of the valid requests' images in px (over 64: JPEG photos, whose decoding "
+                                "makes the server, not the client, the bottleneck on a small machine)")
         if kind == "overload":
             p.add_argument("--factor", type=float, default=2.0)
             p.add_argument("--recovery", type=float, default=10.0)
@@ -66,11 +69,12 @@ def run(args: argparse.Namespace, target: Target) -> dict:
         return run_overload(target.address, args.model, read_rss=target.rss_mb, read_metrics=target.metrics,
                             workers=args.workers, duration_s=args.duration, factor=args.factor,
                             recovery_s=args.recovery, capacity_s=args.capacity_s, timeout_s=args.timeout,
-                            capacity_rps=args.capacity_rps, seed=args.seed)
+                            capacity_rps=args.capacity_rps, seed=args.seed, image_size=args.image_size)
     if args.kind == "soak":
         return run_soak(target.address, args.model, read_rss=target.rss_mb, workers=args.workers,
                         duration_s=args.duration, fraction=args.fraction, invalid_ratio=args.invalid_ratio,
-                        capacity_s=args.capacity_s, capacity_rps=args.capacity_rps, seed=args.seed)
+                        capacity_s=args.capacity_s, capacity_rps=args.capacity_rps, seed=args.seed,
+                        image_size=args.image_size)
     return asyncio.run(run_fuzz_with_memory(args, target))
 
 

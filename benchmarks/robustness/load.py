@@ -48,19 +48,21 @@ def p(values: list[float], q: float) -> float | None:
     return None if not values else round(float(np.percentile(np.asarray(values), q)) * 1000.0, 2)
 
 
-def valid_maker(model: str, kinds: int = 8) -> Callable[[int], Case]:
-    """Request i: one of a few pre-encoded valid requests over both APIs."""
+def valid_maker(model: str, kinds: int = 8, image_size: int = 32) -> Callable[[int], Case]:
+    """Request i: one of a few pre-encoded valid requests over both APIs. Images over 64 px are JPEG, as photos
+    are: decoding them is real per-request work for the server (and next to none for the client)."""
     cases = []
     for i in range(kinds):
-        image, text = im.rgb(500 + i, size=32), corpus.GOOD_TEXT
+        image = im.rgb(500 + i, size=image_size, fmt="JPEG" if image_size > 64 else "PNG")
+        text = corpus.GOOD_TEXT
         cases.append(Case("valid", "mmkd", corpus.classify(model, image, text), corpus.OK) if i % 2 == 0 else
                      Case("valid", "kserve", corpus.infer(model, [image], [text.encode()]), corpus.OK))
     return lambda i: cases[i % len(cases)]
 
 
-def mixed_maker(model: str, invalid_ratio: float, seed: int = 0) -> Callable[[int], Case]:
+def mixed_maker(model: str, invalid_ratio: float, seed: int = 0, image_size: int = 32) -> Callable[[int], Case]:
     """Valid requests with every 1/invalid_ratio-th one drawn from the fuzz generator."""
-    valid = valid_maker(model)
+    valid = valid_maker(model, image_size=image_size)
     if invalid_ratio <= 0:
         return valid
     invalid = [c for c in corpus.generate(model, 500, seed) if c.malformed]

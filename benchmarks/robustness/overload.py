@@ -17,6 +17,7 @@ the load generator falls short of the schedule the run is `client_limited` and i
 from __future__ import annotations
 
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable
 
@@ -79,12 +80,13 @@ def server_counters(before: dict, after: dict, model: str) -> dict:
 def run_overload(address: str, model: str, *, read_rss: Callable[[], float], read_metrics: Callable[[], dict],
                  workers: int | None = None, duration_s: float = 60.0, factor: float = 2.0,
                  recovery_s: float = 10.0, capacity_s: float = 5.0, timeout_s: float = 2.0,
-                 capacity_rps: float | None = None, max_outstanding: int | None = None, seed: int = 0) -> dict:
+                 capacity_rps: float | None = None, max_outstanding: int | None = None, seed: int = 0,
+                 image_size: int = 32) -> dict:
     """Checks are True/False; the latency checks are None (inconclusive) when the workers could not send the
     offered rate (`client_limited`): then their own event loops, not the server, dominate the timings.
     `max_outstanding` (per worker) overrides the deadline-derived cap of `open_phase`."""
     workers = workers or default_workers()
-    with LoadPool(address, model, workers, seed) as pool:
+    with LoadPool(address, model, workers, seed, image_size) as pool:
         measured = capacity_rps or measure_capacity(pool, capacity_s)
         before_metrics = read_metrics()
         with MemorySampler(read_rss) as memory:
@@ -104,19 +106,34 @@ def run_overload(address: str, model: str, *, read_rss: Callable[[], float], rea
         "server_saw_overload": overload["codes"].get("RESOURCE_EXHAUSTED", 0) > 0,
         "rejections_quick": latency_check((overload["rejected_rtt_p99_ms"] or 0.0) <= QUICK_REJECT_MS),
         "admitted_p99_bounded": latency_check((overload["ok_rtt_p99_ms"] or 0.0) <= timeout_s * 1000.0),
-        "rss_flat": rss_after_load <= rss_before * (1 + RSS_GROWTH_LIMIT),
+        # flat while overloaded: memory steps up once to hold the admitted requests (bounded by the queue and RPC
+        # limits), then must not grow; the step itself is reported (rss_mb before / after_overload)
+        "rss_flat": overload_rss_growth(memory, duration_s) <= RSS_GROWTH_LIMIT,
         "recovers": recovery["codes"] == {"OK": recovery["due"]},
         # expired requests never reach compute: everything computed was answered, or cancelled mid-compute
         "expired_never_computed": server["computed"] <= server["ok"] + server["cancelled"],
     }
     rss = {"before": rss_before, "after_overload": rss_after_load, "after_recovery": rss_after,
-           "peak": max((mb for _, mb in memory.samples), default=rss_after)}
+           "peak": max((mb for _, mb in memory.samples), default=rss_after),
+           "growth_during_overload_pct": round(100 * overload_rss_growth(memory, duration_s), 2)}
     return {"capacity_rps": round(measured, 1), "factor": factor, "workers": workers, "duration_s": duration_s,
+            "image_size": image_size,
             "timeout_s": timeout_s, "client_limited": client_limited,
             "headline": headline(overload, recovery, server, rss),
             "overload": overload, "recovery": recovery, "server_metrics": server, "rss_mb": rss,
             "rss_samples": memory.samples, "checks": checks,
             "passed": all(v is not False for v in checks.values())}
+
+
+def overload_rss_growth(memory: MemorySampler, duration_s: float) -> float:
+    """Resident memory growth over the overload once it has settled: the largest sample of its last quarter over
+    the median of its second eighth (a leak, or a backlog the limits fail to bound, keeps growing)."""
+    window = lambda lo, hi: [mb for t, mb in memory.samples if lo <= t < hi]  # noqa: E731
+    settled = window(duration_s / 8, duration_s / 4)
+    late = window(duration_s * 3 / 4, duration_s)
+    if not settled or not late:
+        return float("inf")  # too few samples to tell: not flat
+    return max(late) / statistics.median(settled) - 1.0
 
 
 def headline(overload: dict, recovery: dict, server: dict, rss: dict) -> dict:
@@ -135,10 +152,10 @@ def headline(overload: dict, recovery: dict, server: dict, rss: dict) -> dict:
 def run_soak(address: str, model: str, *, read_rss: Callable[[], float], workers: int | None = None,
              duration_s: float = 600.0, fraction: float = 0.7, invalid_ratio: float = 0.1, windows: int = 10,
              warmup_frac: float = 0.2, capacity_s: float = 5.0, timeout_s: float = 10.0,
-             capacity_rps: float | None = None, seed: int = 0) -> dict:
+             capacity_rps: float | None = None, seed: int = 0, image_size: int = 32) -> dict:
     """`fraction` x capacity with malformed requests mixed in, from the same worker pool as the overload."""
     workers = workers or default_workers()
-    with LoadPool(address, model, workers, seed) as pool:
+    with LoadPool(address, model, workers, seed, image_size) as pool:
         measured = capacity_rps or measure_capacity(pool, capacity_s)
         rate = measured * fraction
         with MemorySampler(read_rss, every_s=max(1.0, duration_s / 200)) as memory:
@@ -162,6 +179,7 @@ def run_soak(address: str, model: str, *, read_rss: Callable[[], float], workers
               "rss_growth_le_10pct": growth is not None and growth <= RSS_GROWTH_LIMIT,
               "p99_drift_le_2x": stability is not None and stability <= 2.0}
     return {"capacity_rps": round(measured, 1), "rate_rps": round(rate, 1), "workers": workers,
+            "image_size": image_size,
             "offered_rps": load["offered_rps"], "achieved_rps": load["achieved_rps"], "duration_s": duration_s,
             "client_limited": load["achieved_rps"] < CLIENT_SHORTFALL * load["offered_rps"],
             "invalid_ratio": invalid_ratio, "sent": load["sent"], "valid_sent": len(valid),

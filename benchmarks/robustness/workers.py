@@ -54,16 +54,17 @@ class Phase:
 
 
 async def _run_phases(address: str, model: str, seed: int, share: tuple[int, int], inbox: mp.Queue,
-                      outbox: mp.Queue) -> None:
+                      outbox: mp.Queue, image_size: int) -> None:
     """A worker's life: connect, say ready, then run phases from `inbox` until None, returning records."""
     makers: dict[float, Callable[[int], Case]] = {}
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         caller = Caller(channel)
-        warm = await caller.call(mixed_maker(model, 0.0)(share[0]), 10.0)  # no phase pays the connection set-up
+        # a first call, so that no phase pays the connection set-up
+        warm = await caller.call(mixed_maker(model, 0.0, image_size=image_size)(share[0]), 10.0)
         outbox.put((share[0], "ready", warm.code))
         while (phase := await asyncio.to_thread(inbox.get)) is not None:
             if phase.invalid_ratio not in makers:
-                makers[phase.invalid_ratio] = mixed_maker(model, phase.invalid_ratio, seed)
+                makers[phase.invalid_ratio] = mixed_maker(model, phase.invalid_ratio, seed, image_size)
             make = makers[phase.invalid_ratio]
             await asyncio.sleep(max(0.0, phase.start_at - time.time()))
             if phase.rate > 0:
@@ -75,10 +76,11 @@ async def _run_phases(address: str, model: str, seed: int, share: tuple[int, int
             outbox.put((share[0], "records", records))
 
 
-def _worker(address: str, model: str, seed: int, share: tuple[int, int], inbox: mp.Queue, outbox: mp.Queue) -> None:
+def _worker(address: str, model: str, seed: int, share: tuple[int, int], inbox: mp.Queue, outbox: mp.Queue,
+            image_size: int) -> None:
     """Process entry point: any failure goes back to the parent as text instead of a silent exit."""
     try:
-        asyncio.run(_run_phases(address, model, seed, share, inbox, outbox))
+        asyncio.run(_run_phases(address, model, seed, share, inbox, outbox, image_size))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
         outbox.put((share[0], "error", traceback.format_exc()))
 
@@ -87,14 +89,15 @@ class LoadPool:
     """`workers` processes sending to `model` at `address`. Use as a context manager; `run(phase)` runs one phase
     on every worker and returns all their records, ordered by due time."""
 
-    def __init__(self, address: str, model: str, workers: int, seed: int = 0) -> None:
+    def __init__(self, address: str, model: str, workers: int, seed: int = 0, image_size: int = 32) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, not {workers}")
         ctx = mp.get_context("spawn")
         self.workers = workers
         self._outbox: mp.Queue = ctx.Queue()
         self._inboxes: list[mp.Queue] = [ctx.Queue() for _ in range(workers)]
-        self._procs = [ctx.Process(target=_worker, args=(address, model, seed, (k, workers), inbox, self._outbox),
+        self._procs = [ctx.Process(target=_worker,
+                                   args=(address, model, seed, (k, workers), inbox, self._outbox, image_size),
                                    name=f"load-worker-{k}", daemon=True)
                        for k, inbox in enumerate(self._inboxes)]
 
