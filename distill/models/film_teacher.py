@@ -1,5 +1,6 @@
-"""The default teacher: a question encoder and a convolutional image tower joined by FiLM over the image's
-spatial features.
+"""The teachers: a question encoder and a convolutional image tower joined by FiLM over the image's spatial
+features. The default is ``teacher_film_c8_wide`` (``configs/shapes.toml``: 93.0% test accuracy after 1,800
+steps, 6.6 min here).
 
 Why this shape: on two CPU cores a ViT+BERT trained from scratch stays at the text-only plateau for minutes,
 while a FiLM CNN breaks through after ~1,000-1,500 steps (measured on the prototype of this task).
@@ -8,7 +9,7 @@ Measured here on the default task (batch 128, 2,000 steps), ``teacher_film_base`
 plateau whichever question encoder it has. With ``transformers.BertModel`` (``teacher_film_bert``, lr 1e-3) it
 reached 48% test accuracy; with the pre-norm transformer (the default encoder, lr 3e-3) 50%.
 
-``teacher_film_c8`` (``configs/shapes_c8.toml``, the next default) learns far faster. A third stride-2 stem
+``teacher_film_c8`` (``configs/shapes_c8.toml``) and its wider sibling learn far faster. A third stride-2 stem
 layer puts FiLM at 8x8, a GRU encodes the question, and the fused vector pools max and mean (counting needs a
 sum-like signal). With a constant learning rate of 1e-3 it left the plateau near step 1,000 and reached 92%
 validation accuracy at 1,500 steps here.
@@ -126,7 +127,7 @@ def teacher_film_tiny(**kwargs: Any) -> FiLMTeacher:
 
 @MODELS.register()
 def teacher_film_base(**kwargs: Any) -> FiLMTeacher:
-    """The default teacher."""
+    """The first default teacher (FiLM at 16x16); stays near the text-only plateau in 2,000 steps here."""
     return _create_teacher(_CFGS["teacher_film_base"], **kwargs)
 
 

@@ -82,7 +82,7 @@ def student_tiny(**kwargs: Any) -> Student:
 
 @MODELS.register()
 def student_small(**kwargs: Any) -> Student:
-    """The default student (>= 20x fewer parameters, >= 10x fewer FLOPs than ``teacher_film_base``)."""
+    """The student for ``teacher_film_base`` (>= 20x fewer parameters, >= 10x fewer FLOPs)."""
     return _create_student(_CFGS["student_small"], **kwargs)
 
 
