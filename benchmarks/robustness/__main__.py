@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch-size", type=int, default=16)
         p.add_argument("--seed", type=int, default=0)
         if kind == "fuzz":
-            p.add_argument("--requests", type=int, default=12_500, help="generated cases (plus the crafted corpus)")
+            p.add_argument("--requests", type=int, default=13_500,
+                           help="generated cases, plus the crafted corpus (13,500: over 10,000 malformed in all)")
             p.add_argument("--concurrency", type=int, default=8)
         else:
             p.add_argument("--duration", type=float, default=60.0 if kind == "overload" else 600.0,
