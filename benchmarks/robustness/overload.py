@@ -101,6 +101,7 @@ def run_overload(address: str, model: str, *, read_rss: Callable[[], float], rea
     overload, recovery = summarize(load, duration_s), summarize(recover, recovery_s)
     client_limited = overload["achieved_rps"] < CLIENT_SHORTFALL * overload["offered_rps"]
     latency_check = lambda ok: None if client_limited else ok  # noqa: E731 - a saturated client measures itself
+    rss_growth = overload_rss_growth(memory, duration_s)
     checks = {
         "only_ok_rejected_or_expired": set(overload["codes"]) - {"CLIENT_OVERLOAD"} <= OVERLOAD_CODES,
         "server_saw_overload": overload["codes"].get("RESOURCE_EXHAUSTED", 0) > 0,
@@ -108,14 +109,14 @@ def run_overload(address: str, model: str, *, read_rss: Callable[[], float], rea
         "admitted_p99_bounded": latency_check((overload["ok_rtt_p99_ms"] or 0.0) <= timeout_s * 1000.0),
         # flat while overloaded: memory steps up once to hold the admitted requests (bounded by the queue and RPC
         # limits), then must not grow; the step itself is reported (rss_mb before / after_overload)
-        "rss_flat": overload_rss_growth(memory, duration_s) <= RSS_GROWTH_LIMIT,
+        "rss_flat": rss_growth <= RSS_GROWTH_LIMIT,
         "recovers": recovery["codes"] == {"OK": recovery["due"]},
         # expired requests never reach compute: everything computed was answered, or cancelled mid-compute
         "expired_never_computed": server["computed"] <= server["ok"] + server["cancelled"],
     }
     rss = {"before": rss_before, "after_overload": rss_after_load, "after_recovery": rss_after,
            "peak": max((mb for _, mb in memory.samples), default=rss_after),
-           "growth_during_overload_pct": round(100 * overload_rss_growth(memory, duration_s), 2)}
+           "growth_during_overload_pct": round(100 * rss_growth, 2)}
     return {"capacity_rps": round(measured, 1), "factor": factor, "workers": workers, "duration_s": duration_s,
             "image_size": image_size,
             "timeout_s": timeout_s, "client_limited": client_limited,
