@@ -15,8 +15,10 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from benchmarks.procs import start_mmkd_serve
 
@@ -39,6 +41,18 @@ def banner(text: str) -> None:
 def run(cmd: list[str]) -> None:
     print("$ " + shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def run_quiet(cmd: list[str]) -> str:
+    """Run ``cmd`` capturing its output; print its last line (the result), or everything when it fails."""
+    print("$ " + shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout + proc.stderr, flush=True)
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    lines = proc.stdout.strip().splitlines()
+    print(lines[-1] if lines else "(no output)", flush=True)
+    return proc.stdout
 
 
 def stage_data(cfg: DemoConfig) -> Path:
@@ -65,13 +79,18 @@ def stage_train(cfg: DemoConfig, data: Path) -> Path:
 def stage_export(cfg: DemoConfig, run_dir: Path, data: Path) -> Path:
     models = cfg.out / "models"
     banner(f"3/5 ONNX bundles with the parity gate: {models}")
+    todo = []
     for which, variant, name in EXPORTS:
         target = models / name
         if (target / "bundle.json").exists():
             print(f"{name}: exists, skipped")
             continue
-        run(["mmkd-export", "--run", str(run_dir), "--model", which, "--variant", variant, "--name", name,
-             "--data", str(data), "--out", str(target)])
+        todo.append(["mmkd-export", "--run", str(run_dir), "--model", which, "--variant", variant, "--name", name,
+                     "--data", str(data), "--out", str(target)])
+    # Two at a time: an export is mostly one-threaded (tracing, checking, the parity run) and there are two cores
+    # here; each prints its summary line (size, parity) when it finishes.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run_quiet, todo))
     return models
 
 
@@ -112,6 +131,19 @@ def stage_serve(cfg: DemoConfig, models: Path, data: Path) -> list[dict]:
     return rows
 
 
+T = TypeVar("T")
+
+
+def timed(times: dict[str, float], name: str, fn: Callable[..., T], *args: object) -> T:
+    """Run one stage and record its wall time, so the summary shows where the demo's minutes went."""
+    start = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        times[name] = time.monotonic() - start
+        print(f"[{name}: {times[name]:.0f} s]", flush=True)
+
+
 def summary(run_dir: Path, rows: list[dict], bench: Path | None) -> None:
     banner("summary")
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -140,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     start = time.monotonic()
-    data = stage_data(cfg)
-    run_dir = stage_train(cfg, data)
-    models = stage_export(cfg, run_dir, data)
-    bench = stage_bench(cfg, models, run_dir, data)
-    rows = stage_serve(cfg, models, data)
+    times: dict[str, float] = {}
+    data = timed(times, "dataset", stage_data, cfg)
+    run_dir = timed(times, "distillation", stage_train, cfg, data)
+    models = timed(times, "export", stage_export, cfg, run_dir, data)
+    bench = timed(times, "benchmark", stage_bench, cfg, models, run_dir, data)
+    rows = timed(times, "serve + predict", stage_serve, cfg, models, data)
     summary(run_dir, rows, bench)
-    print(f"\ndemo finished in {time.monotonic() - start:.0f} s; outputs in {cfg.out}/", flush=True)
+    print("\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(f"demo finished in {time.monotonic() - start:.0f} s; outputs in {cfg.out}/", flush=True)
     return 0
 
 

@@ -58,6 +58,7 @@ class LossConfig:
 
     ce: float = 1.0
     kd: float = 1.0
+    hard: float = 0.0  # hard-label distillation: cross-entropy against the teacher's top-1 answer on every row
     feature: float = 0.5
     relational: float = 0.5
     spatial: float = 0.0  # hint KD on the question-conditioned feature maps (models with MultimodalOutput.spatial)
@@ -185,7 +186,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.feature_kind must be 'mse' or 'cosine', got {cfg.loss.feature_kind!r}")
     if cfg.loss.temperature <= 0 or cfg.loss.tau <= 0:
         raise ConfigError("loss.temperature and loss.tau must be > 0")
-    if min(cfg.loss.ce, cfg.loss.kd, cfg.loss.feature, cfg.loss.relational, cfg.loss.spatial) < 0:
+    if min(cfg.loss.ce, cfg.loss.kd, cfg.loss.hard, cfg.loss.feature, cfg.loss.relational, cfg.loss.spatial) < 0:
         raise ConfigError("loss weights must be >= 0")
     if cfg.loss.teacher_cache_views < 0:
         raise ConfigError(f"loss.teacher_cache_views must be >= 0, got {cfg.loss.teacher_cache_views}")

@@ -5,6 +5,8 @@ every term so the progress bar and logs show them.
 Terms:
     ce          hard-label cross-entropy (rows labelled -1 are unlabelled and skipped; mixup-aware)
     kd          KL(teacher || student) of the softened distributions at temperature T, times T^2 (Hinton)
+    hard        hard-label distillation (DeiT): cross-entropy against the teacher's top-1 answer on every row,
+                labelled or not; the teacher's decision as a label where no human label exists
     feature     learned linear projections of the student's image / text / fused vectors onto the teacher's,
                 MSE or cosine distance, averaged over the three
     relational  the student's in-batch image-text similarity matrix matched to the teacher's (affinity
@@ -60,6 +62,17 @@ class SoftKD(nn.Module):
         log_p_s = F.log_softmax(s.logits.float() / self.t, dim=-1)
         log_p_t = F.log_softmax(t.logits.float() / self.t, dim=-1)
         return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * self.t**2
+
+
+class HardKD(nn.Module):
+    """Cross-entropy of the student against the teacher's argmax (DeiT's hard distillation), on every row.
+
+    Soft targets at T > 1 spread the gradient over answers the teacher rules out; the hard target gives an
+    unlabelled row the full pull of a labelled one, which is what a few-label student trained mostly on
+    teacher-labelled data needs to leave the text-only plateau."""
+
+    def forward(self, s: MultimodalOutput, t: MultimodalOutput, labels: torch.Tensor, **_: object) -> torch.Tensor:
+        return F.cross_entropy(s.logits.float(), t.logits.argmax(dim=-1))
 
 
 class FeatureKD(nn.Module):
@@ -140,6 +153,11 @@ def _make_kd(temperature: float = 4.0, **_: object) -> nn.Module:
     return SoftKD(temperature)
 
 
+@LOSSES.register("hard")
+def _make_hard(**_: object) -> nn.Module:
+    return HardKD()
+
+
 @LOSSES.register("feature")
 def _make_feature(student_dims: Mapping[str, int], teacher_dims: Mapping[str, int], feature_kind: str = "cosine",
                   **_: object) -> nn.Module:
@@ -160,7 +178,7 @@ def _make_relational(tau: float = 0.1, **_: object) -> nn.Module:
     return RelationalKD(tau)
 
 
-NEEDS_TEACHER = {"kd", "feature", "relational", "spatial"}
+NEEDS_TEACHER = {"kd", "hard", "feature", "relational", "spatial"}
 
 
 class WeightedLoss(nn.Module):

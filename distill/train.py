@@ -149,8 +149,8 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
 
 
 def _loss_weights(cfg: Config) -> Dict[str, float]:
-    return {"ce": cfg.loss.ce, "kd": cfg.loss.kd, "feature": cfg.loss.feature, "relational": cfg.loss.relational,
-            "spatial": cfg.loss.spatial}
+    return {"ce": cfg.loss.ce, "kd": cfg.loss.kd, "hard": cfg.loss.hard, "feature": cfg.loss.feature,
+            "relational": cfg.loss.relational, "spatial": cfg.loss.spatial}
 
 
 def _seed_everything(cfg: Config) -> None:

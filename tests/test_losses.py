@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distill.losses import FeatureKD, HardCE, RelationalKD, SoftKD, SpatialKD, WeightedLoss, output_dims
+from distill.losses import FeatureKD, HardCE, HardKD, RelationalKD, SoftKD, SpatialKD, WeightedLoss, output_dims
 from distill.models import MultimodalOutput, create_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -38,6 +38,15 @@ def test_hard_ce_mixup_mixes_the_two_targets() -> None:
     got = HardCE()(s, None, torch.tensor([0]), labels_b=torch.tensor([1]), lam=0.25)
     l0, l1 = math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(1.0))
     assert got.item() == pytest.approx(0.25 * l0 + 0.75 * l1, abs=1e-6)
+
+
+def test_hard_kd_is_ce_against_the_teachers_top1_on_every_row() -> None:
+    s = _out([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    t = _out([[0.1, 3.0, 0.2], [0.0, 2.0, 5.0]])  # teacher answers 1 and 2
+    got = HardKD()(s, t, torch.tensor([0, -1]))  # human labels (and their absence) do not matter
+    row1 = math.log(math.exp(2.0) + 2) - 0.0  # -log softmax([2,0,0])[1]
+    row2 = math.log(2 + math.exp(1.0)) - 0.0  # -log softmax([0,1,0])[2]
+    assert got.item() == pytest.approx((row1 + row2) / 2, abs=1e-6)
 
 
 def test_soft_kd_is_t_squared_kl_teacher_to_student() -> None:
@@ -121,7 +130,7 @@ def test_gradients_reach_every_student_parameter() -> None:
     with torch.no_grad():
         t = teacher(x, ids, mask)
     s = student(x, ids, mask)
-    loss = WeightedLoss({"ce": 1.0, "kd": 1.0, "feature": 1.0, "relational": 1.0, "spatial": 1.0},
+    loss = WeightedLoss({"ce": 1.0, "kd": 1.0, "hard": 1.0, "feature": 1.0, "relational": 1.0, "spatial": 1.0},
                         student_dims=output_dims(s), teacher_dims=output_dims(t))
     total, parts = loss(s, t, torch.tensor([0, 1, 2, -1]))
     total.backward()
