@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=None, help="seconds measured per load level")
     p.add_argument("--accuracy-samples", type=int, default=None, help="test samples scored (default: all; quick 512)")
     p.add_argument("--no-torch", action="store_true", help="skip torch eager rows even when a run is found")
+    p.add_argument("--server-arg", action="append", default=[],
+                   help="extra mmkd-serve flag for every served run, e.g. --server-arg=--intra-op-threads=1 "
+                        "(repeatable)")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> dict:
         serving = ServingPlan(**{**serving.__dict__, "concurrency": tuple(int(x) for x in args.concurrency.split(","))})
     if args.duration:
         serving = ServingPlan(**{**serving.__dict__, "duration_s": args.duration})
+    if args.server_arg:
+        serving = ServingPlan(**{**serving.__dict__, "server_args": tuple(args.server_arg)})
     batch_sizes = tuple(int(x) for x in args.batch_sizes.split(",")) if args.batch_sizes else BATCH_SIZES
     results: dict = {"machine": machine.to_dict(), "latency": [], "accuracy": [], "serving": [], "notes": [],
                      "settings": {"quick": args.quick, "sections": args.sections, "device": device,

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.cpu import CpuSample, cpu_per_request
 from benchmarks.samples import Sample
 
 # One request; raises on failure, returns the server's own timings (mmkd API) or None.
@@ -59,6 +60,7 @@ class LoadPlan:
     timeout_s: float = 30.0
     max_outstanding: int = 4096  # open loop: arrivals beyond this are counted as client_overload errors
     kserve_shape: tuple[int, ...] = (1, 1)  # BYTES tensor shape per request (Triton with batching: [1, 1])
+    server_groups: tuple[int, ...] = ()  # process groups whose CPU seconds per request are reported
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -142,6 +144,7 @@ class Recorder:
         self.window: tuple[float, float] = (0.0, 0.0)
         self.server: dict[str, float] = dict.fromkeys(TIMING_FIELDS, 0.0)
         self.server_n = 0
+        self.cpu: list[CpuSample] = []  # readings at the window's start and end
 
     def record(self, sent: float, done: float, error: str | None, timings: dict[str, float] | None = None) -> None:
         start, end = self.window
@@ -171,7 +174,16 @@ class Recorder:
         ok = len(self.latencies_ms)
         return {**labels, "duration_s": duration, "ok": ok, "errors": dict(self.errors),
                 "error_count": sum(self.errors.values()), "throughput": ok / duration if duration > 0 else 0.0,
-                **percentiles(self.latencies_ms), **self.server_means()}
+                **percentiles(self.latencies_ms), **self.server_means(),
+                **(cpu_per_request(self.cpu[0], self.cpu[1], ok) if len(self.cpu) == 2 else {})}
+
+
+async def meter_cpu(rec: Recorder, server_groups: Sequence[int]) -> None:
+    """Read CPU seconds at the measured window's start and end, so warm-up and stragglers stay out."""
+    await asyncio.sleep(max(0.0, rec.window[0] - time.perf_counter()))
+    rec.cpu = [CpuSample.now(server_groups)]
+    await asyncio.sleep(max(0.0, rec.window[1] - time.perf_counter()))
+    rec.cpu.append(CpuSample.now(server_groups))
 
 
 async def timed(send: Send, sample: Sample, sent: float, rec: Recorder) -> None:
@@ -191,6 +203,7 @@ async def closed_loop(send: Send, samples: Sequence[Sample], concurrency: int, p
     rec = Recorder()
     start = time.perf_counter()
     rec.window = (start + plan.warmup_s, start + plan.warmup_s + plan.duration_s)
+    metering = asyncio.create_task(meter_cpu(rec, plan.server_groups))
 
     async def worker(offset: int) -> None:
         i = offset
@@ -199,6 +212,7 @@ async def closed_loop(send: Send, samples: Sequence[Sample], concurrency: int, p
             i += concurrency
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    await metering
     return rec.summary(shape="closed", concurrency=concurrency)
 
 
@@ -207,6 +221,7 @@ async def open_loop(send: Send, samples: Sequence[Sample], rate: float, plan: Lo
     rec = Recorder()
     start = time.perf_counter()
     rec.window = (start + plan.warmup_s, start + plan.warmup_s + plan.duration_s)
+    metering = asyncio.create_task(meter_cpu(rec, plan.server_groups))
     tasks: set[asyncio.Task] = set()
     n = 0
     while (scheduled := start + n / rate) < rec.window[1]:
@@ -220,6 +235,7 @@ async def open_loop(send: Send, samples: Sequence[Sample], rate: float, plan: Lo
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         n += 1
+    await metering
     if tasks:
         await asyncio.wait(tasks, timeout=plan.timeout_s)
     offered = rate
@@ -272,6 +288,8 @@ def spawn(plan: LoadPlan, payloads: Path, timeout_s: float | None = None, python
                "--kserve-shape", ",".join(map(str, plan.kserve_shape))]
         for target in plan.targets:
             cmd += ["--target", target]
+        for group in plan.server_groups:
+            cmd += ["--server-group", str(group)]
         budget = timeout_s or (len(plan.concurrency) + len(plan.rates)) * (plan.duration_s + plan.warmup_s
                                                                             + plan.timeout_s) + 60
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, cwd=_repo_root())
@@ -304,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--kserve-shape", type=_ints, default=(1, 1))
+    parser.add_argument("--server-group", type=int, action="append", default=[],
+                        help="process group id of a server under test: report its CPU ms per request; repeatable")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     plan = LoadPlan(targets=tuple(args.target), model=args.model, api=args.api, concurrency=args.concurrency,
                     rates=args.rates, duration_s=args.duration, warmup_s=args.warmup, timeout_s=args.timeout,
-                    kserve_shape=args.kserve_shape)
+                    kserve_shape=args.kserve_shape, server_groups=tuple(args.server_group))
     rows = asyncio.run(run_plan(plan, read_payloads(args.payloads)))
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")

@@ -40,6 +40,11 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
 
+    @property
+    def pid(self) -> int:
+        """The server's pid, which is also its process group id (it leads a session of its own)."""
+        return self.proc.pid
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-chars:]

@@ -86,7 +86,8 @@ def bench_peer(bundle, payloads: Path, plan, log_dir: Path, progress: Callable[[
               "batching": "on", "max_batch_size": plan.max_batch_size}
     try:
         kplan = replace(plan, rates=(), rate_fractions=())
-        rows = drive(kplan.load([f"127.0.0.1:{grpc_port}"], "student", api="kserve"), payloads, kplan, labels)
+        load = kplan.load([f"127.0.0.1:{grpc_port}"], "student", api="kserve", server_groups=[proc.pid])
+        rows = drive(load, payloads, kplan, labels)
     finally:
         proc.stop()
     for row in rows:

@@ -37,9 +37,10 @@ class ServingPlan:
     def quick(cls) -> "ServingPlan":
         return cls(concurrency=(1, 8, 32), rate_fractions=(0.7,), duration_s=2.0, warmup_s=0.5)
 
-    def load(self, targets: Sequence[str], model: str, api: str = "mmkd") -> LoadPlan:
+    def load(self, targets: Sequence[str], model: str, api: str = "mmkd", server_groups: Sequence[int] = ()
+             ) -> LoadPlan:
         return LoadPlan(targets=tuple(targets), model=model, api=api, concurrency=self.concurrency, rates=(),
-                        duration_s=self.duration_s, warmup_s=self.warmup_s)
+                        duration_s=self.duration_s, warmup_s=self.warmup_s, server_groups=tuple(server_groups))
 
 
 def drive(load: LoadPlan, payloads: Path, plan: ServingPlan, labels: dict) -> list[dict]:
@@ -60,7 +61,7 @@ def bench_echo(payloads: Path, num_labels: int, plan: ServingPlan, log_dir: Path
     """The gRPC floor: the bare echo server under the closed-loop shape only (it has no latency to speak of)."""
     proc, address = start_echo(log_dir, num_labels)
     try:
-        rows = spawn(plan.load([address], "echo"), payloads)
+        rows = spawn(plan.load([address], "echo", server_groups=[proc.pid]), payloads)
     finally:
         proc.stop()
     return [{"target": "echo", "model": "echo", "variant": "", "batching": "", "api": "mmkd", **r} for r in rows]
@@ -77,10 +78,11 @@ def bench_model(repository: Path, bundle_name: str, role: str, variant: str, pay
     labels = {"target": "mmkd-serve", "model": role, "bundle": bundle_name, "variant": variant,
               "batching": "on" if batching else "off", "max_batch_size": max_batch}
     try:
-        rows = drive(plan.load([address], bundle_name), payloads, plan, labels)
+        rows = drive(plan.load([address], bundle_name, server_groups=[proc.pid]), payloads, plan, labels)
         if kserve:
             kplan = replace(plan, rates=(), rate_fractions=())
-            rows += drive(kplan.load([address], bundle_name, api="kserve"), payloads, kplan, labels)
+            rows += drive(kplan.load([address], bundle_name, api="kserve", server_groups=[proc.pid]), payloads,
+                          kplan, labels)
     finally:
         code = proc.stop()
     if code not in (0, None):

@@ -112,7 +112,7 @@ def _baseline_jobs(cfg: Config, data: Any, teacher: nn.Module, out: Path) -> Dic
     from distill.train import _loss_weights
 
     b = cfg.baselines
-    phase = cfg.student if b.steps <= 0 else _with_steps(cfg.student, b.steps)
+    phase = _baseline_phase(cfg.student, b)
     common = {"which": "student", "phase": phase, "bundle": data, "cfg": cfg, "resume": True}
     splits = {("a_full", "kd"): "train", ("a_full", "scratch"): "train",
               ("b_few", "kd"): "few", ("b_few", "scratch"): "few_labelled"}
@@ -160,10 +160,13 @@ def _train_job(args: tuple) -> str:
     return str(job["model_dir"])
 
 
-def _with_steps(phase: Any, steps: int) -> Any:
+def _baseline_phase(phase: Any, b: Any) -> Any:
+    """The student's phase with the baselines' step budget and validation cadence."""
     import dataclasses
 
-    return dataclasses.replace(phase, steps=steps, warmup_steps=min(phase.warmup_steps, max(1, steps // 10)))
+    steps = b.steps if b.steps > 0 else phase.steps
+    return dataclasses.replace(phase, steps=steps, warmup_steps=min(phase.warmup_steps, max(1, steps // 10)),
+                               eval_every=b.eval_every)
 
 
 def _few_label_split(data: Any, b: Any, seed: int) -> Any:

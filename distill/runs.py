@@ -197,7 +197,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "student") -> Tuple[nn.M
 
     Returns ``(model, info)`` where info has ``labels``, ``preprocess`` (a ``PreprocessSpec`` dict),
     ``tokenizer`` (path to tokenizer.json), ``model_name``, ``model_kwargs``, ``config`` (the run's resolved
-    config, {} if absent) and ``metrics`` (this model's section of RUN/metrics.json, {} if absent)."""
+    config, {} if absent), ``data_dir`` (the dataset folder it trained on, None if unrecorded) and ``metrics`` (this model's section of RUN/metrics.json, {} if absent)."""
     if which not in ("student", "teacher"):
         raise CheckpointError(f"which must be 'student' or 'teacher', not {which!r}")
     run_dir = Path(run_dir)
@@ -206,13 +206,15 @@ def load_model(run_dir: str | os.PathLike, which: str = "student") -> Tuple[nn.M
         raise CheckpointError(f"{model_dir / MODEL_FILE} not found: is {run_dir} a run folder written by "
                               f"`mmkd-distill train` with a trained {which}?")
     model, card = load_model_dir(model_dir)
-    config = read_json(run_dir / "config.json").get("config", {}) if (run_dir / "config.json").is_file() else {}
+    written = read_json(run_dir / "config.json") if (run_dir / "config.json").is_file() else {}
+    config = written.get("config", {})
     metrics = read_json(run_dir / "metrics.json").get(which, {}) if (run_dir / "metrics.json").is_file() else {}
     info = {
         "labels": card["labels"], "preprocess": card["preprocess"],
         "tokenizer": str(model_dir / card.get("tokenizer", TOKENIZER_FILE)),
         "model_name": card["model_name"], "model_kwargs": card["model_kwargs"],
         "config": config, "config_hash": card.get("config_hash", ""), "metrics": metrics,
+        "data_dir": written.get("data_dir"),
     }
     return model, info
 

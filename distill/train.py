@@ -115,9 +115,9 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
     dist = dist or Dist()
     _seed_everything(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _write_config(out, cfg, resume, dist)
     t0 = time.perf_counter()
     data_dir = Path(data) if data else ensure_embedded(out / "data", cfg, dist)
+    _write_config(out, cfg, resume, dist, data_dir)
     bundle = load_data(data_dir, cfg, out, transfer=baselines)
     timings: Dict[str, float] = {"data_s": time.perf_counter() - t0}
 
@@ -149,8 +149,7 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
 
 
 def _loss_weights(cfg: Config) -> Dict[str, float]:
-    return {"ce": cfg.loss.ce, "kd": cfg.loss.kd, "hard": cfg.loss.hard, "feature": cfg.loss.feature,
-            "relational": cfg.loss.relational, "spatial": cfg.loss.spatial}
+    return cfg.loss.weights()
 
 
 def _seed_everything(cfg: Config) -> None:
@@ -161,7 +160,7 @@ def _seed_everything(cfg: Config) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _write_config(out: Path, cfg: Config, resume: bool, dist: Dist) -> None:
+def _write_config(out: Path, cfg: Config, resume: bool, dist: Dist, data_dir: Path) -> None:
     path = out / "config.json"
     if resume and path.is_file():
         old = read_json(path).get("hash")
@@ -169,7 +168,8 @@ def _write_config(out: Path, cfg: Config, resume: bool, dist: Dist) -> None:
             raise CheckpointError(f"--resume with a different config: {path} has hash {old}, this run {cfg.hash()}; "
                                   "use the same --config/--set as the interrupted run or a new --out")
     if dist.rank == 0:
-        atomic_write_json(path, {"config": cfg.to_dict(), "hash": cfg.hash()})
+        # data_dir: where the dataset was read, so `mmkd-export` finds the test split without --data
+        atomic_write_json(path, {"config": cfg.to_dict(), "hash": cfg.hash(), "data_dir": str(data_dir.resolve())})
 
 
 # ---------------------------------------------------------------------------------------------- one phase

@@ -17,9 +17,8 @@ from export.parity import Sample
 
 def find_data_root(run_dir: str | os.PathLike[str], info: Mapping[str, Any],
                    data_root: str | os.PathLike[str] | None = None) -> Path:
-    """The dataset folder a run was trained on: explicit > RUN/data (generated) > a path recorded in the run.
-
-    A run trained with `mmkd-distill train --data DIR` does not record DIR yet; pass it again (--data).
+    """The dataset folder a run was trained on: explicit > RUN/data (generated) > the folder recorded in the
+    run's config.json (`mmkd-distill train --data DIR`; runs of older versions did not record it: pass --data).
     """
     if data_root is not None:
         return Path(data_root)
@@ -27,7 +26,7 @@ def find_data_root(run_dir: str | os.PathLike[str], info: Mapping[str, Any],
     if generated.is_dir():
         return generated
     data = (info.get("config") or {}).get("data")
-    candidates = [info.get("data_dir"), info.get("data_root")]  # if distill records where --data pointed
+    candidates = [info.get("data_dir"), info.get("data_root")]
     if isinstance(data, str):
         candidates.append(data)
     elif isinstance(data, Mapping):

@@ -139,7 +139,7 @@ def _bundle_dirs(folder: Path) -> list[Path]:
 
 
 def load_model(name: str, folder: Path, device: Device, limits: InputLimits, *, intra_op_threads: int = 0,
-               max_batch_size: int = 1) -> ServedModel:
+               spinning: bool = True, max_batch_size: int = 1) -> ServedModel:
     """Load the best variant for the device, verify it, build its session and warm it up."""
     try:
         bundles = {b.spec.variant: b for b in (load_bundle(p) for p in _bundle_dirs(folder))}
@@ -147,23 +147,24 @@ def load_model(name: str, folder: Path, device: Device, limits: InputLimits, *, 
         raise ModelLoadError(f"model {name}: {exc}") from exc
     gpu_possible = device.wants_gpu and _cuda_listed()
     variant = _choose(bundles, GPU_PREFERENCE if gpu_possible else CPU_PREFERENCE)
-    runner = _runner(bundles[variant], device, intra_op_threads)
+    runner = _runner(bundles[variant], device, intra_op_threads, spinning)
     if gpu_possible and runner.provider == CPU:
         log.warning("cuda_fallback", extra={"fields": {
             "model": name, "reason": "CUDAExecutionProvider is listed but the session got the CPU provider "
                                     "(CUDA/cuDNN libraries or a GPU missing)"}})
     if runner.provider == CPU and variant != _choose(bundles, CPU_PREFERENCE):
         variant = _choose(bundles, CPU_PREFERENCE)  # CUDA was listed but the session fell back: use the CPU pick
-        runner = _runner(bundles[variant], device, intra_op_threads)
+        runner = _runner(bundles[variant], device, intra_op_threads, spinning)
     model = ServedModel(name, bundles[variant], runner, limits)
     model.warm_up(max_batch_size)
     return model
 
 
-def _runner(bundle: Bundle, device: Device, intra_op_threads: int) -> OrtRunner:
+def _runner(bundle: Bundle, device: Device, intra_op_threads: int, spinning: bool) -> OrtRunner:
     """The session with the optimisation level the bundle's parity check ran with (bundle.json "session")."""
     level = str(bundle.spec.session.get("graph_optimization_level", "ORT_ENABLE_ALL"))
-    return OrtRunner(bundle.model_path, device, intra_op_threads=intra_op_threads, graph_optimization_level=level)
+    return OrtRunner(bundle.model_path, device, intra_op_threads=intra_op_threads, spinning=spinning,
+                     graph_optimization_level=level)
 
 
 def _choose(bundles: dict[str, Bundle], preference: Sequence[str]) -> str:

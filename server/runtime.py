@@ -74,12 +74,15 @@ def provider_chain(device: Device, available: Sequence[str]) -> list[tuple[str, 
 class OrtRunner:
     """One ORT session for one model file; `run` is thread-safe (ORT sessions allow concurrent runs)."""
 
-    def __init__(self, model_path: Path, device: Device, *, intra_op_threads: int = 0,
+    def __init__(self, model_path: Path, device: Device, *, intra_op_threads: int = 0, spinning: bool = True,
                  graph_optimization_level: str = "ORT_ENABLE_ALL") -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = optimization_level(graph_optimization_level)
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # ORT's intra-op workers spin after each run waiting for the next; in a server they spin on cores the
+        # event loop and the other requests need (see server/README.md for the measurement).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         chain = provider_chain(device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=options,

@@ -50,6 +50,7 @@ class ServerSettings:
     preprocess_threads: int = 2
     inline_preprocess_bytes: int = 64 * 1024  # images up to this size are decoded on the event loop, not the pool
     intra_op_threads: int = 0  # ORT threads per run; 0 lets ORT decide
+    intra_op_spinning: bool = True  # ORT's workers busy-wait between runs (ORT's default)
     grace_s: float = 10.0  # how long shutdown waits for in-flight requests
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = InputLimits.max_image_bytes
@@ -106,6 +107,7 @@ _INT_FIELDS = ("port", "max_batch_size", "max_queue_size", "instances", "preproc
                "inline_preprocess_bytes", "max_concurrent_rpcs",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
 _FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s")
+_BOOL_FIELDS = ("auth_health", "eager_dispatch", "intra_op_spinning")
 
 
 def _type_problems(s: ServerSettings) -> list[str]:
@@ -120,7 +122,7 @@ def _type_problems(s: ServerSettings) -> list[str]:
             problems.append(f"{name} must be a number, got {value!r}")
     if s.metrics_port is not None and (not isinstance(s.metrics_port, int) or isinstance(s.metrics_port, bool)):
         problems.append(f"metrics_port must be an int or unset, got {s.metrics_port!r}")
-    for name in ("auth_health", "eager_dispatch"):
+    for name in _BOOL_FIELDS:
         if not isinstance(getattr(s, name), bool):
             problems.append(f"{name} must be a bool, got {getattr(s, name)!r}")
     if not all(isinstance(m, str) and m for m in s.models):
@@ -186,7 +188,7 @@ def _parse_env(name: str, key: str, raw: str) -> Any:
             return float(raw)
     except ValueError as exc:
         raise ConfigError(f"environment variable {key}={raw!r} is not a number") from exc
-    if name in ("auth_health", "eager_dispatch"):
+    if name in _BOOL_FIELDS:
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"environment variable {key}={raw!r}: use true or false")
         return raw.lower() in ("1", "true", "yes")

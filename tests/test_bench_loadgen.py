@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
 import grpc
@@ -15,10 +16,14 @@ from server._proto.mmkd.v1 import inference_pb2 as pb
 from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
 
 
+ECHO_PIDS: list[int] = []  # process group of each echo server, for CPU accounting
+
+
 @pytest.fixture(scope="module")
 def echoes(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     procs = [start_echo(logs, 5, name=f"echo{i}") for i in range(2)]
+    ECHO_PIDS[:] = [proc.pid for proc, _ in procs]
     yield [address for _, address in procs]
     for proc, _ in procs:
         assert proc.stop() == 0  # SIGTERM is a clean shutdown
@@ -37,12 +42,16 @@ def test_open_loop_counts_every_arrival_and_errors_by_code(echoes, tmp_path):
 
 def test_closed_loop_rows_per_concurrency(echoes, tmp_path):
     payloads = write_payloads(synthetic_samples(4, 16), tmp_path / "p.jsonl")
-    plan = LoadPlan(targets=(echoes[0],), model="m", concurrency=(1, 8), duration_s=0.5, warmup_s=0.2)
+    plan = LoadPlan(targets=(echoes[0],), model="m", concurrency=(1, 8), duration_s=0.5, warmup_s=0.2,
+                    server_groups=(ECHO_PIDS[0],))
     rows = spawn(plan, payloads)
     assert [r["concurrency"] for r in rows] == [1, 8]
     for row in rows:
         assert row["error_count"] == 0 and row["ok"] > 10
         assert row["throughput"] == pytest.approx(row["ok"] / row["duration_s"])
+        # where the time went: both sides did work for every answer, neither used more cores than exist
+        assert 0 < row["server_cpu_ms"] < 100 and 0 < row["client_cpu_ms"] < 100
+        assert 0 < row["server_cores"] <= os.cpu_count() + 0.1 and 0 < row["client_cores"] <= os.cpu_count() + 0.1
 
 
 def test_round_robin_spreads_requests_over_replicas(echoes):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from benchmarks.report import acceptance, batching_gain, render_markdown, write_report
+from benchmarks.report import acceptance, batching_gain, cpu_bound, render_markdown, time_budget, write_report
 
 
 def _lat(model, runtime, batch, p50, variant="fp32"):
@@ -57,6 +57,32 @@ def test_acceptance_misses_and_na_follow_the_data():
     goals = acceptance(worse)
     assert [g["status"] for g in goals] == ["PASS", "MISS", "PASS", "PASS", "PASS", "N/A", "MISS"], goals
     assert "+1.500 ms" in goals[6]["measured"] and "PyTriton peer not measured" in goals[5]["measured"]
+
+
+def _with_cpu(results):
+    out = copy.deepcopy(results)
+    out["machine"]["cores"] = 2
+    for row in out["serving"]:
+        row.update(server_cpu_ms=0.2, client_cpu_ms=0.3) if row["target"] == "echo" else None
+        row.update(server_cpu_ms=0.5, client_cpu_ms=0.3) if row["model"] == "teacher" else None
+    return out
+
+
+def test_time_budget_shows_cpu_per_request_and_the_cost_over_echo():
+    rows = {(r["target"], r["model"], r["batching"]): r for r in time_budget(_with_cpu(RESULTS)["serving"])}
+    assert set(rows) == {("echo", "echo", "on"), ("mmkd-serve", "teacher", "on"), ("mmkd-serve", "teacher", "off")}
+    teacher = rows[("mmkd-serve", "teacher", "on")]
+    assert teacher["over_echo_ms"] == 0.3 and teacher["rps"] == 300  # 0.5 - 0.2 ms; its saturation row
+
+
+def test_cpu_bound_adds_the_echo_cost_to_in_process_compute():
+    bounds = {b["model"]: b for b in cpu_bound(_with_cpu(RESULTS))}
+    # teacher ceiling 320 samples/s (32 per 100 ms); echo costs 0.5 ms CPU per request on 2 cores
+    assert abs(bounds["teacher"]["bound_rps"] - 1 / (1 / 320 + 0.0005 / 2)) < 1e-9
+    assert abs(bounds["teacher"]["server_of_bound"] - 300 * (1 / 320 + 0.0005 / 2)) < 1e-9
+    goal = next(g for g in acceptance(_with_cpu(RESULTS)) if g["goal"].startswith("teacher"))
+    assert "this machine allows at most 92.6%" in goal["measured"]  # 296.3 / 320
+    assert cpu_bound(RESULTS) == []  # no CPU readings: no bound claimed
 
 
 def test_batching_gain_per_model():

@@ -31,6 +31,9 @@ def test_overrides_apply_with_types() -> None:
     ("student=3", "student is a section"),
     ("loss.feature_kind=l1", "feature_kind"),
     ("student.lr=0", "student.lr must be > 0"),
+    ("loss.hard=-1", "loss weights must be >= 0: loss.hard"),
+    ("teacher.eval_every=-1", "teacher.eval_every must be >= 0"),
+    ("baselines.eval_every=-5", "baselines.eval_every must be >= 0"),
 ])
 def test_bad_overrides_fail_loudly(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -218,3 +218,19 @@ def test_dataset_of_a_run_is_found_or_asked_for(tmp_path):
     assert find_data_root(tmp_path, {}) == tmp_path / "data"
     with pytest.raises(ExportError, match=r"pass data_root= \(CLI: --data DIR\)"):
         find_data_root(tmp_path / "elsewhere", {"config": {"data": {"samples": 10}}})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_run_on_a_user_folder_is_exported_without_data_again(tmp_path):
+    """`mmkd-distill train --data DIR` records DIR, so exporting that run needs no --data."""
+    from distill.cli import main as distill
+    from distill.runs import load_model
+    from export.samples import find_data_root
+
+    data, run = tmp_path / "mine", tmp_path / "run"
+    assert distill(["data", "--out", str(data), "--samples", "120"]) == 0
+    assert distill(["train", "--config", "tiny", "--out", str(run), "--data", str(data), "--no-progress",
+                    "--set", "student.steps=2", "--set", "teacher.steps=2"]) == 0
+    assert not (run / "data").exists()
+    _, info = load_model(run, "student")
+    assert find_data_root(run, info) == data.resolve()

@@ -64,6 +64,12 @@ def test_cpu_runner_reports_cpu_and_runs_a_batch(bundle_dir):
     out = runner.run({"pixel_values": np.zeros((3, 3, 16, 16), np.float32),
                       "input_ids": np.ones((3, 4), np.int64), "attention_mask": np.ones((3, 4), np.int64)})
     assert out["logits"].shape == (3, 5)
+    quiet = OrtRunner(bundle_dir / "model.onnx", Device("cpu"), intra_op_threads=2, spinning=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert np.array_equal(quiet.run({"pixel_values": np.zeros((3, 3, 16, 16), np.float32),
+                                     "input_ids": np.ones((3, 4), np.int64),
+                                     "attention_mask": np.ones((3, 4), np.int64)})["logits"], out["logits"])
 
 
 @pytest.mark.skipif(cuda_really_works(), reason="this machine has a working CUDA provider")

@@ -35,11 +35,13 @@ def test_wrong_types_fail_loudly():
 
 def test_environment_fills_in_and_flags_win():
     env = {"MMKD_MODEL_REPOSITORY": "/models", "MMKD_MAX_BATCH_SIZE": "8", "MMKD_MODELS": "a, b",
-           "MMKD_MAX_QUEUE_DELAY_MS": "2.5", "MMKD_AUTH_HEALTH": "true", "MMKD_UNRELATED": "x", "PATH": "/bin"}
+           "MMKD_MAX_QUEUE_DELAY_MS": "2.5", "MMKD_AUTH_HEALTH": "true", "MMKD_INTRA_OP_SPINNING": "false",
+           "MMKD_UNRELATED": "x", "PATH": "/bin"}
     args = vars(build_parser().parse_args(["--max-batch-size", "32", "--port", "0"]))
     s = ServerSettings.from_sources(args, env)
     assert s.model_repository == Path("/models") and s.models == ("a", "b")
     assert s.max_batch_size == 32 and s.port == 0 and s.max_queue_delay_ms == 2.5 and s.auth_health is True
+    assert s.intra_op_spinning is False
 
 
 def test_bad_environment_value_names_the_variable():
