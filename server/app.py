@@ -126,7 +126,7 @@ class InferenceServer:
         models = []
         for name, folder in discover(s.model_repository, s.models).items():
             start = time.monotonic()
-            model = load_model(name, folder, device, s.limits, intra_op_threads=s.intra_op_threads,
+            model = load_model(name, folder, device, s.limits, intra_op_threads=s.ort_threads,
                                spinning=s.intra_op_spinning, max_batch_size=s.max_batch_size)
             self.metrics.model_info.labels(name, model.version, model.spec.variant, model.provider).set(1)
             log.info("model_loaded", extra=fields(model=name, version=model.version, variant=model.spec.variant,

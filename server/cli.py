@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-preprocess-bytes", type=int,
                    help="images up to this many bytes are decoded on the event loop instead of the thread pool, "
                         "where a hand-off costs more than the decode (default 65536; 0: always the pool)")
-    p.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads per run (default 0: ORT decides)")
+    p.add_argument("--intra-op-threads", type=int,
+                   help="ONNX Runtime threads per run (default 0: every core but one, left to the event loop)")
     p.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=None,
-                   help="let ORT's intra-op workers busy-wait between runs (default on, ORT's default); "
-                        "--no-intra-op-spinning frees those cores for the event loop when cores are few")
+                   help="let ORT's intra-op workers busy-wait between runs: lower latency for lone requests, "
+                        "but the spinning takes cores the event loop needs (default off)")
     p.add_argument("--grace-s", type=float, help="seconds shutdown waits for in-flight requests (default 10)")
     p.add_argument("--max-message-bytes", type=int, help="largest gRPC message accepted (default 16 MiB)")
     p.add_argument("--max-image-bytes", type=int, help="largest encoded image (default 8 MiB)")

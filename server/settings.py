@@ -49,14 +49,19 @@ class ServerSettings:
     auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually can't send one)
     preprocess_threads: int = 2
     inline_preprocess_bytes: int = 64 * 1024  # images up to this size are decoded on the event loop, not the pool
-    intra_op_threads: int = 0  # ORT threads per run; 0 lets ORT decide
-    intra_op_spinning: bool = True  # ORT's workers busy-wait between runs (ORT's default)
+    intra_op_threads: int = 0  # ORT threads per run; 0: every core but one, which the event loop needs (>= 1)
+    intra_op_spinning: bool = False  # ORT's workers busy-wait between runs (ORT's own default is on)
     grace_s: float = 10.0  # how long shutdown waits for in-flight requests
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = InputLimits.max_image_bytes
     max_image_pixels: int = InputLimits.max_image_pixels
     max_text_chars: int = InputLimits.max_text_chars
     log_format: str = "json"  # json | text
+
+    @property
+    def ort_threads(self) -> int:
+        """The intra-op thread count sessions get: as set, or every core but the event loop's."""
+        return self.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))

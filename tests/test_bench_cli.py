@@ -46,7 +46,7 @@ def test_latency_only_run_writes_report(repo, tmp_path):
 def test_serving_run_measures_server_echo_and_batching(repo, tmp_path):
     out = tmp_path / "out"
     assert main(["--bundles", str(repo), "--out", str(out), "--quick", "--only", "serving",
-                 "--concurrency", "1,4", "--duration", "0.5", "--server-arg=--no-intra-op-spinning"]) == 0
+                 "--concurrency", "1,4", "--duration", "0.5", "--server-arg=--intra-op-spinning"]) == 0
     results = json.loads((out / "results.json").read_text())
     targets = {(r["target"], r["model"], r.get("batching")) for r in results["serving"]}
     assert ("echo", "echo", "") in targets
@@ -56,4 +56,4 @@ def test_serving_run_measures_server_echo_and_batching(repo, tmp_path):
     assert all(r["server_cpu_ms"] > 0 and r["client_cpu_ms"] > 0 for r in results["serving"])
     report = (out / "report.md").read_text()
     assert "Batching gain" in report and "Where a request's time goes" in report
-    assert '"intra_op_spinning": false' in (out / "logs" / "serve-student-on.log").read_text()  # --server-arg
+    assert '"intra_op_spinning": true' in (out / "logs" / "serve-student-on.log").read_text()  # --server-arg
