@@ -54,8 +54,8 @@ class CpuSample:
     @classmethod
     def now(cls, server_groups: Iterable[int]) -> "CpuSample":
         readings = [group_cpu_s(g) for g in server_groups]
-        server = None if not readings or None in readings else sum(r for r in readings if r is not None)
-        return cls(time.perf_counter(), time.process_time(), server)
+        unreadable = not readings or any(r is None for r in readings)
+        return cls(time.perf_counter(), time.process_time(), None if unreadable else sum(readings))
 
 
 def cpu_per_request(start: CpuSample, end: CpuSample, requests: int) -> dict[str, float]:

@@ -109,8 +109,6 @@ def run_baselines(cfg: Config, data: Any, teacher: nn.Module, out: Path, dist: A
 
 def _baseline_jobs(cfg: Config, data: Any, teacher: nn.Module, out: Path) -> Dict[str, List[Dict[str, Any]]]:
     """Every model ``--baselines`` trains, as ``train_phase`` keyword arguments, grouped by result key."""
-    from distill.train import _loss_weights
-
     b = cfg.baselines
     phase = _baseline_phase(cfg.student, b)
     common = {"which": "student", "phase": phase, "bundle": data, "cfg": cfg, "resume": True}
@@ -120,7 +118,7 @@ def _baseline_jobs(cfg: Config, data: Any, teacher: nn.Module, out: Path) -> Dic
     for (regime, kind), split in splits.items():
         kd = kind == "kd"
         jobs[f"{regime}_{kind}"] = [
-            {**common, "weights": _loss_weights(cfg) if kd else {"ce": 1.0}, "teacher": teacher if kd else None,
+            {**common, "weights": cfg.loss.weights() if kd else {"ce": 1.0}, "teacher": teacher if kd else None,
              "model_dir": out / f"{regime}_{kind}_seed{seed}", "seed": cfg.seed + 1000 + seed, "train_split": split}
             for seed in range(b.seeds)]
     if b.include_single_modality:  # the student's own architecture, blind to one modality

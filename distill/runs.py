@@ -197,7 +197,8 @@ def load_model(run_dir: str | os.PathLike, which: str = "student") -> Tuple[nn.M
 
     Returns ``(model, info)`` where info has ``labels``, ``preprocess`` (a ``PreprocessSpec`` dict),
     ``tokenizer`` (path to tokenizer.json), ``model_name``, ``model_kwargs``, ``config`` (the run's resolved
-    config, {} if absent), ``data_dir`` (the dataset folder it trained on, None if unrecorded) and ``metrics`` (this model's section of RUN/metrics.json, {} if absent)."""
+    config, {} if absent), ``data_dir`` (the dataset folder it trained on, None if unrecorded) and ``metrics``
+    (this model's section of RUN/metrics.json, {} if absent)."""
     if which not in ("student", "teacher"):
         raise CheckpointError(f"which must be 'student' or 'teacher', not {which!r}")
     run_dir = Path(run_dir)

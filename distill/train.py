@@ -129,7 +129,7 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
                                     resume=True, seed=cfg.seed, dist=dist, progress=progress)
         timings["teacher_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    student = train_phase("student", cfg.student, _loss_weights(cfg), bundle, out / "student", cfg,
+    student = train_phase("student", cfg.student, cfg.loss.weights(), bundle, out / "student", cfg,
                           teacher=teacher_model, resume=resume, seed=cfg.seed, dist=dist, progress=progress)
     timings["student_s"] = time.perf_counter() - t
     metrics: Dict[str, Any] = {}
@@ -146,10 +146,6 @@ def train_run(cfg: Config, out: Path, *, data: Optional[str] = None, teacher: Op
         atomic_write_json(out / "metrics.json", metrics)
     dist.barrier()
     return metrics
-
-
-def _loss_weights(cfg: Config) -> Dict[str, float]:
-    return cfg.loss.weights()
 
 
 def _seed_everything(cfg: Config) -> None:
