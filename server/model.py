@@ -82,7 +82,7 @@ class ServedModel:
 
     def run_batch(self, items: Sequence[Prepared]) -> list[np.ndarray]:
         """Run ORT on a batch (executor thread); one float32 logits row (C,) per item."""
-        logits = self.runner.run(self.collate(items))["logits"].astype(np.float32)  # (B, C)
+        logits = self.runner.run(self.collate(items), outputs=("logits",))["logits"].astype(np.float32)  # (B, C)
         return list(logits)
 
     def warm_up(self, max_batch_size: int) -> None:

@@ -103,25 +103,29 @@ class OrtRunner:
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; inputs are cast to the graph's declared types (an fp16 graph may take fp16 pixels)."""
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run one batch; inputs are cast to the graph's declared types (an fp16 graph may take fp16 pixels).
+
+        `outputs` names the outputs to fetch (default: all); the server asks only for logits, so ORT neither
+        copies out nor (on CUDA) transfers the embeddings nobody reads."""
+        names = list(outputs) if outputs is not None else self.output_names
         cast = {name: self._cast(name, array) for name, array in feeds.items()}
         if self.on_gpu:
-            outputs = self._run_iobinding(cast)
+            results = self._run_iobinding(cast, names)
         else:
-            outputs = self.session.run(self.output_names, cast)
-        return {name: np.asarray(out) for name, out in zip(self.output_names, outputs)}
+            results = self.session.run(names, cast)
+        return {name: np.asarray(out) for name, out in zip(names, results)}
 
     def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
         want = self.input_types.get(name)
         return array if want is None or array.dtype == want else array.astype(want)
 
-    def _run_iobinding(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def _run_iobinding(self, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
         binding = self.session.io_binding()
         for name, array in feeds.items():
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
             binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
+        for name in names:
             binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()

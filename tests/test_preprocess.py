@@ -17,6 +17,7 @@ from export.bundle import (
     TextEncoder,
     TextTooLongError,
     decode_image,
+    image_to_array,
     preprocess_images,
 )
 
@@ -50,6 +51,26 @@ def test_png_rgb_gives_exact_normalised_chw_tensor():
     assert out.shape == (1, 3, 8, 8) and out.dtype == np.float32
     np.testing.assert_allclose(out[0, :, 3, 3], expected((255, 0, 128)), atol=1e-6)
     assert np.ptp(out[0], axis=(1, 2)).max() == 0  # a solid image stays solid
+
+
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_table_normalisation_is_bit_identical_to_float_arithmetic(order):
+    """Training, the parity gate and the server share image_to_array: its look-up table must give exactly the
+    float32 values of (x / 255 - mean) / std, or a served model would see other inputs than it was checked on."""
+    spec = PreprocessSpec(image_size=16, mean=(0.481, 0.458, 0.408), std=(0.269, 0.261, 0.276), channel_order=order)
+    pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pixels[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]  # both ends of the table
+    ref = (pixels.astype(np.float32) * np.float32(1.0 / 255.0) - np.asarray(spec.mean, np.float32)) \
+        / np.asarray(spec.std, np.float32)  # (H, W, 3)
+    ref = ref[..., ::-1] if order == "BGR" else ref
+    out = image_to_array(Image.fromarray(pixels), spec)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert np.array_equal(out, ref.transpose(2, 0, 1))
+
+
+def test_image_to_array_refuses_images_that_are_not_8_bit_rgb():
+    with pytest.raises(ValueError, match="8-bit RGB"):
+        image_to_array(Image.new("L", (8, 8)), SPEC)
 
 
 def test_jpeg_is_decoded_close_to_its_source_colour():

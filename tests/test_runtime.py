@@ -72,6 +72,24 @@ def test_cpu_runner_reports_cpu_and_runs_a_batch(bundle_dir):
                                      "attention_mask": np.ones((3, 4), np.int64)})["logits"], out["logits"])
 
 
+def test_runner_fetches_only_the_outputs_asked_for(tmp_path):
+    """The server asks for logits alone; embeddings it never reads are not copied out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 3]) for n in ("logits", "image_embed")]
+    graph = helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["logits"]),
+                               helper.make_node("Neg", ["pixel_values"], ["image_embed"])], "two", [x], outs)
+    path = tmp_path / "two.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    runner = OrtRunner(path, Device("cpu"))
+    feeds = {"pixel_values": np.array([[-1.0, 0.5, 2.0]], np.float32)}
+    assert sorted(runner.run(feeds)) == ["image_embed", "logits"]
+    only = runner.run(feeds, outputs=("logits",))
+    assert list(only) == ["logits"] and np.array_equal(only["logits"], [[0.0, 0.5, 2.0]])
+
+
 @pytest.mark.skipif(cuda_really_works(), reason="this machine has a working CUDA provider")
 def test_auto_falls_back_to_cpu_and_reports_what_the_session_really_got(bundle_dir):
     runner = OrtRunner(bundle_dir / "model.onnx", Device("auto"))

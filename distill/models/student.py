@@ -70,6 +70,11 @@ _CFGS: Dict[str, Dict[str, Any]] = {
     # steps here, this one leaves it (see configs/shapes.toml). 44.7k parameters, 5.8 MFLOPs.
     "student_c8_dense": dict(stem=16, channels=24, film_blocks=3, text_dim=32, text_embed=16, head_dim=32, hidden=32,
                              stem_depth=3, text_encoder="gru", pool="maxmean", depthwise=False),
+    # The default student (configs/shapes.toml): 16 channels fill one AVX-512 register of float32, so ONNX Runtime's
+    # blocked convolutions waste nothing (24 channels pad to 32: student_c8_dense is slower per FLOP); two FiLM
+    # blocks and a 16-wide question encoder. 18.8k parameters, 2.1 MFLOPs.
+    "student_c8_slim": dict(stem=8, channels=16, film_blocks=2, text_dim=16, text_embed=16, head_dim=32, hidden=32,
+                            stem_depth=3, text_encoder="gru", pool="maxmean", depthwise=False),
     "student_base": dict(stem=24, channels=48, film_blocks=4, text_dim=64, heads=4, head_dim=96, hidden=96),
 }
 
@@ -95,9 +100,16 @@ def student_c8(**kwargs: Any) -> Student:
 
 @MODELS.register()
 def student_c8_dense(**kwargs: Any) -> Student:
-    """The default student (``configs/shapes.toml``): student_c8 with dense convolutions; 21x fewer parameters
-    and 14x fewer FLOPs than ``teacher_film_c8_wide``."""
+    """student_c8 with dense convolutions (the default before student_c8_slim): 21x fewer parameters and 14x fewer
+    FLOPs than ``teacher_film_c8_wide``, but only 5.6x its ONNX Runtime throughput at batch 32."""
     return _create_student(_CFGS["student_c8_dense"], **kwargs)
+
+
+@MODELS.register()
+def student_c8_slim(**kwargs: Any) -> Student:
+    """The default student (``configs/shapes.toml``): 50x fewer parameters and 38x fewer FLOPs than
+    ``teacher_film_c8_wide``, sized for ONNX Runtime on AVX-512 CPUs (16-channel convolutions)."""
+    return _create_student(_CFGS["student_c8_slim"], **kwargs)
 
 
 @MODELS.register()
