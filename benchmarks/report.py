@@ -116,12 +116,13 @@ def server_vs_references(results: dict) -> list[dict]:
     return out
 
 
-def time_budget(serving: list[dict]) -> list[dict]:
+def time_budget(serving: list[dict], cores: int | None = None) -> list[dict]:
     """Where a request's time goes at each server's saturation (its best closed-loop row per API and batching):
     CPU milliseconds per answered request in the server process group and in the load generator, the cores each
     kept busy, and the server's own per-request timings. `server over echo` is the server's CPU per request
     beyond a bare grpc.aio handler answering the same payload: the cost of decoding, batching, ONNX Runtime,
-    metrics and Python, to be cut before anything else."""
+    metrics and Python, to be cut before anything else. `idle cores` is what server and load generator left
+    unused at saturation: a server saturated with cores idle is bound by a lock or a thread, not by the CPU."""
     echo = best(pick(serving, target="echo", shape="closed"))
     keys = sorted({(r["target"], r["model"], r.get("batching", ""), r.get("api", "")) for r in serving
                    if r.get("shape") == "closed"}, key=lambda k: (k[0] != "echo", k))
@@ -139,8 +140,15 @@ def time_budget(serving: list[dict]) -> list[dict]:
                     "over_echo_ms": (row["server_cpu_ms"] - echo["server_cpu_ms"])
                     if echo and echo.get("server_cpu_ms") is not None and target != "echo" else None,
                     "preprocess_ms": row.get("server_preprocess_ms"),
-                    "compute_per_request_ms": ratio(compute, batch), "batch": batch})
+                    "compute_per_request_ms": ratio(compute, batch), "batch": batch,
+                    "idle_cores": _idle_cores(cores, row.get("server_cores"), row.get("client_cores"))})
     return out
+
+
+def _idle_cores(cores: int | None, server: float | None, client: float | None) -> float | None:
+    if not cores or server is None or client is None:
+        return None
+    return max(0.0, cores - server - client)
 
 
 def cpu_bound(results: dict) -> list[dict]:
@@ -299,11 +307,12 @@ def render_markdown(results: dict, plots: list[str]) -> str:
           ("ceiling_batch", "ceiling batch"), ("ceiling_rps", "ceiling samples/s"), ("of_ceiling", "of ceiling"),
           ("echo_rps", "echo req/s"), ("of_echo", "of echo")]),
         ("Where a request's time goes (CPU per request at each server's saturation)",
-         time_budget(results.get("serving", [])),
+         time_budget(results.get("serving", []), results.get("machine", {}).get("cores")),
          [("target", "target"), ("model", "model"), ("batching", "batching"), ("api", "api"),
           ("concurrency", "concurrency"), ("rps", "req/s"), ("server_cpu_ms", "server CPU ms/req"),
           ("client_cpu_ms", "load gen CPU ms/req"), ("server_cores", "server cores"),
-          ("client_cores", "load gen cores"), ("over_echo_ms", "server over echo ms/req"),
+          ("client_cores", "load gen cores"), ("idle_cores", "idle cores"),
+          ("over_echo_ms", "server over echo ms/req"),
           ("preprocess_ms", "preprocess ms"), ("compute_per_request_ms", "ORT ms/req"), ("batch", "mean batch")]),
         ("What this machine allows (echo's CPU per request + in-process compute)", cpu_bound(results),
          [("model", "model"), ("ceiling_rps", "ceiling samples/s"), ("echo_cpu_ms", "echo CPU ms/req"),

@@ -5,7 +5,10 @@ requests wait or `max_queue_delay` has passed since the oldest one arrived, whic
 one of `instances` run slots is free, so while every slot is busy the queue grows into the next, bigger batch.
 With `eager_when_idle` (the default) a request that finds no batch running is not held for the delay: an idle
 model instance gains nothing by waiting, and under load the batches still form while the previous batch
-computes. Without it the batcher behaves like Triton's: the oldest request always waits up to the delay.
+computes. Without it the batcher behaves like Triton's: the oldest request always waits up to the delay. With
+`inline_when_idle` a request that finds the model idle and nothing queued runs in the caller's coroutine, on the
+event loop: for a model whose batch of 1 takes a fraction of a millisecond, the two thread hand-offs cost more
+than the compute (the engine enables it per model from its warm-up timing).
 Batches run in executor threads (ONNX Runtime releases the GIL). Every future is resolved or failed: a batch
 that raises, or returns the wrong number of results, fails every request in it. Requests whose client cancelled
 or whose deadline passed while queued are dropped before compute. A full queue refuses at once.
@@ -69,13 +72,16 @@ class DynamicBatcher(Generic[T, R]):
 
     def __init__(self, run_batch: Callable[[list[T]], Sequence[R]], *, executor: Executor, max_batch_size: int,
                  max_queue_delay_s: float, max_queue_size: int, instances: int = 1,
-                 eager_when_idle: bool = True, observer: BatchObserver | None = None) -> None:
+                 eager_when_idle: bool = True, inline_when_idle: bool = False,
+                 observer: BatchObserver | None = None) -> None:
         self._run_batch = run_batch
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.eager_when_idle = eager_when_idle
+        self.inline_when_idle = inline_when_idle
+        self._lone = False  # a request is checking whether it may run inline
         self._slots = asyncio.Semaphore(instances)
         self._active = 0  # batches computing now
         self._observer = observer or _NullObserver()
@@ -98,8 +104,14 @@ class DynamicBatcher(Generic[T, R]):
             if len(self._queue) >= self.max_queue_size:
                 self._observer.dropped("queue_full")
                 raise QueueFullError(f"queue full ({self.max_queue_size} requests waiting); retry with backoff")
+        first = False
+        if self.inline_when_idle and self._active == 0 and not self._queue and not self._lone:
+            if await self._stays_alone():
+                return self._run_inline(item)
+            first = True  # others arrived while this one looked: it batches with them, first in line
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, time.monotonic(), deadline))
+        pending = _Pending(item, future, time.monotonic(), deadline)
+        self._queue.appendleft(pending) if first else self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._arrived.set()
         return await future  # a cancelled caller cancels the future; the batch former then skips it
@@ -179,6 +191,26 @@ class DynamicBatcher(Generic[T, R]):
         for _ in range(len(self._queue) - len(kept)):
             self._observer.dropped("cancelled")
         self._queue = collections.deque(kept)
+
+    async def _stays_alone(self) -> bool:
+        """Let every request that is ready on the event loop reach the batcher first: under load they queue up
+        behind this one and all batch together; a request still alone after that runs inline."""
+        self._lone = True
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._lone = False
+        return self._active == 0 and not self._queue and not self._closing
+
+    def _run_inline(self, item: T) -> BatchResult[R]:
+        """A batch of one on the event loop; no await inside, so no other batch can start meanwhile."""
+        start = time.monotonic()
+        results = self._run_batch([item])
+        if len(results) != 1:
+            raise BatchError(f"run_batch returned {len(results)} results for 1 request")
+        compute = time.monotonic() - start
+        self._observer.batch(1, [0.0], compute)
+        return BatchResult(results[0], 0.0, compute, 1)
 
     async def _run(self, batch: list[_Pending]) -> None:
         start = time.monotonic()

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-preprocess-bytes", type=int,
                    help="images up to this many bytes are decoded on the event loop instead of the thread pool, "
                         "where a hand-off costs more than the decode (default 65536; 0: always the pool)")
+    p.add_argument("--inline-compute-ms", type=float,
+                   help="a request that finds its model idle runs on the event loop, without the two thread "
+                        "hand-offs, when the model's batch of 1 took at most this long at warm-up: lower latency for "
+                        "lone requests, slightly smaller batches under load (default 0: always the compute thread)")
     p.add_argument("--intra-op-threads", type=int,
                    help="ONNX Runtime threads per run (default 0: every core but one, left to the event loop)")
     p.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=None,

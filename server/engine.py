@@ -57,11 +57,13 @@ class Engine:
         """Serve a loaded, warmed-up model (call inside the event loop: the batcher starts a task)."""
         s = self.settings
         pool = ThreadPoolExecutor(s.instances, thread_name_prefix=f"mmkd-ort-{model.name}")
+        inline = model.single_run_s * 1000.0 <= s.inline_compute_ms
         self._compute[model.name] = pool
         self._batchers[model.name] = DynamicBatcher(
             model.run_batch, executor=pool, max_batch_size=s.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
-            instances=s.instances, eager_when_idle=s.eager_dispatch, observer=self.metrics.observer(model.name))
+            instances=s.instances, eager_when_idle=s.eager_dispatch, inline_when_idle=inline,
+            observer=self.metrics.observer(model.name))
         self.models.add(model)
 
     def model(self, name: str) -> ServedModel:

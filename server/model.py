@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class ServedModel:
         self.limits = limits
         self.encoder = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess, limits)
         self.ready = False
+        self.single_run_s = float("inf")  # median time of a batch of 1, measured at warm-up
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -95,7 +96,17 @@ class ServedModel:
             if len(out) != batch or out[0].shape != (len(self.labels),):
                 raise ModelLoadError(f"model {self.name}: warm-up gave {len(out)} rows of shape {out[0].shape}, "
                                      f"expected {batch} rows of ({len(self.labels)},) — labels and graph disagree")
+        self.single_run_s = _median_time(lambda: self.run_batch([item]), repeats=7)
         self.ready = True
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ class ServerSettings:
     auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually can't send one)
     preprocess_threads: int = 2
     inline_preprocess_bytes: int = 64 * 1024  # images up to this size are decoded on the event loop, not the pool
+    inline_compute_ms: float = 0.0  # a lone request runs on the event loop when the model's batch of 1 is this fast
     intra_op_threads: int = 0  # ORT threads per run; 0: every core but one, which the event loop needs (>= 1)
     intra_op_spinning: bool = False  # ORT's workers busy-wait between runs (ORT's own default is on)
     grace_s: float = 10.0  # how long shutdown waits for in-flight requests
@@ -111,7 +112,7 @@ class ServerSettings:
 _INT_FIELDS = ("port", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
                "inline_preprocess_bytes", "max_concurrent_rpcs",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
-_FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s")
+_FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s", "inline_compute_ms")
 _BOOL_FIELDS = ("auth_health", "eager_dispatch", "intra_op_spinning")
 
 
@@ -153,6 +154,8 @@ def _value_problems(s: ServerSettings) -> list[str]:
             problems.append(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.inline_preprocess_bytes < 0:
         problems.append(f"inline_preprocess_bytes must be >= 0, got {s.inline_preprocess_bytes}")
+    if not 0 <= s.inline_compute_ms <= 1000:
+        problems.append(f"inline_compute_ms must be in [0, 1000], got {s.inline_compute_ms}")
     if s.max_concurrent_rpcs < 0:
         problems.append(f"max_concurrent_rpcs must be >= 1, or 0 to derive it from the queues, "
                         f"got {s.max_concurrent_rpcs}")

@@ -26,11 +26,13 @@ class Recorder:
         self.gate = threading.Event()
         self.gate.set()
         self.lock = threading.Lock()
+        self.threads: list[int] = []
 
     def __call__(self, items: list[int]) -> list[int]:
         self.gate.wait(5)
         with self.lock:
             self.batches.append(list(items))
+            self.threads.append(threading.get_ident())
         if self.delay:
             time.sleep(self.delay)
         if self.fail:
@@ -126,6 +128,48 @@ def test_eager_requests_arriving_during_a_batch_gather_into_the_next_one():
     rec, (first, rest) = run(main())
     assert rec.batches == [[0], [1, 2, 3, 4, 5]]  # the second batch ran when the instance freed, not after 5 s
     assert [r.value for r in rest] == [2, 4, 6, 8, 10]
+
+
+def test_inline_lone_request_runs_on_the_event_loop_without_a_thread_hand_off():
+    async def main():
+        rec, obs = Recorder(), Observer()
+        b = make(rec, obs, eager_when_idle=True, inline_when_idle=True)
+        result = await b.submit(7)
+        await b.close()
+        return rec, obs, result
+
+    rec, obs, result = run(main())
+    assert result.value == 14 and result.batch_size == 1 and result.queue_s == 0.0
+    assert rec.threads == [threading.get_ident()], "a lone request on an idle model must run on the event loop"
+    assert obs.sizes == [1]
+
+
+def test_inline_requests_arriving_together_still_batch_in_the_compute_thread():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_batch_size=8, max_queue_delay_s=5.0, eager_when_idle=True, inline_when_idle=True)
+        results = await asyncio.gather(*(b.submit(i) for i in range(5)))
+        await b.close()
+        return rec, results
+
+    rec, results = run(main())
+    assert rec.batches == [[0, 1, 2, 3, 4]], "the first request looked first and leads the batch"
+    assert [r.value for r in results] == [0, 2, 4, 6, 8]
+    assert rec.threads[0] != threading.get_ident()
+
+
+def test_inline_failure_reaches_the_caller_and_the_batcher_keeps_working():
+    async def main():
+        rec = Recorder(fail=True)
+        b = make(rec, eager_when_idle=True, inline_when_idle=True)
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(1)
+        rec.fail = False
+        result = await b.submit(2)
+        await b.close()
+        return result
+
+    assert run(main()).value == 4
 
 
 def test_batches_never_exceed_max_batch_size():

@@ -65,14 +65,21 @@ def _with_cpu(results):
     for row in out["serving"]:
         row.update(server_cpu_ms=0.2, client_cpu_ms=0.3) if row["target"] == "echo" else None
         row.update(server_cpu_ms=0.5, client_cpu_ms=0.3) if row["model"] == "teacher" else None
+        if "server_cpu_ms" in row:  # cores busy = requests/s x CPU seconds per request, as benchmarks/cpu.py measures
+            row.update(server_cores=row["throughput"] * row["server_cpu_ms"] / 1000,
+                       client_cores=row["throughput"] * row["client_cpu_ms"] / 1000)
     return out
 
 
 def test_time_budget_shows_cpu_per_request_and_the_cost_over_echo():
-    rows = {(r["target"], r["model"], r["batching"]): r for r in time_budget(_with_cpu(RESULTS)["serving"])}
+    results = _with_cpu(RESULTS)
+    rows = {(r["target"], r["model"], r["batching"]): r for r in time_budget(results["serving"], cores=2)}
     assert set(rows) == {("echo", "echo", "on"), ("mmkd-serve", "teacher", "on"), ("mmkd-serve", "teacher", "off")}
     teacher = rows[("mmkd-serve", "teacher", "on")]
     assert teacher["over_echo_ms"] == 0.3 and teacher["rps"] == 300  # 0.5 - 0.2 ms; its saturation row
+    # 300 req/s x 0.5 ms = 0.15 server cores, x 0.3 ms = 0.09 load generator cores, of 2
+    assert abs(teacher["idle_cores"] - (2 - 0.15 - 0.09)) < 1e-9
+    assert time_budget(results["serving"])[0]["idle_cores"] is None  # machine's cores unknown: nothing claimed
 
 
 def test_cpu_bound_adds_the_echo_cost_to_in_process_compute():

@@ -61,6 +61,24 @@ def test_thread_pool_preprocessing_gives_the_same_answers_as_inline(repo):
                                        reference_probs(repo / "tiny", make_image(seed), text), atol=1e-5)
 
 
+def test_inline_compute_gives_the_same_answers_alone_and_under_concurrency(repo):
+    # --inline-compute-ms: a lone request runs on the event loop (never queued); concurrent ones get their own
+    # answers whichever way they run (that simultaneous arrivals batch is proven in test_batcher.py).
+    settings = settings_for(repo, inline_compute_ms=1000.0, max_batch_size=16, max_queue_delay_ms=50)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        inline = pb_grpc.InferenceStub(ch)
+        for seed, text in enumerate(QUESTIONS):
+            response = classify(inline, seed=seed, text=text)
+            np.testing.assert_allclose(response.probabilities,
+                                       reference_probs(repo / "tiny", make_image(seed), text), atol=1e-5)
+            assert response.timings.queue_ms == 0.0 and response.timings.batch_size == 1
+        with ThreadPoolExecutor(16) as pool:  # concurrent requests: inline or batched, each gets its own answer
+            responses = list(pool.map(lambda i: classify(inline, seed=i % 4), range(64)))
+        expected = [reference_probs(repo / "tiny", make_image(seed), QUESTIONS[0]) for seed in range(4)]
+        for i, response in enumerate(responses):
+            np.testing.assert_allclose(response.probabilities, expected[i % 4], atol=1e-5)
+
+
 def test_classify_equals_in_process_onnx_runtime(stub, repo):
     for seed, text in enumerate(QUESTIONS):
         response = classify(stub, seed=seed, text=text, top_k=3)
