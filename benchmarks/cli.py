@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra mmkd-serve flag for every served run, e.g. --server-arg=--intra-op-threads=1 "
                         "(repeatable)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="connections each mmkd-API load run opens, echo included (default 1); use with "
+                        "--server-arg=--workers=N, since the kernel spreads connections over the workers")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -118,6 +121,8 @@ def run(args: argparse.Namespace) -> dict:
         serving = ServingPlan(**{**serving.__dict__, "duration_s": args.duration})
     if args.server_arg:
         serving = ServingPlan(**{**serving.__dict__, "server_args": tuple(args.server_arg)})
+    if args.channels:
+        serving = ServingPlan(**{**serving.__dict__, "channels": args.channels})
     batch_sizes = tuple(int(x) for x in args.batch_sizes.split(",")) if args.batch_sizes else BATCH_SIZES
     results: dict = {"machine": machine.to_dict(), "latency": [], "accuracy": [], "serving": [], "notes": [],
                      "settings": {"quick": args.quick, "sections": args.sections, "device": device,

@@ -10,7 +10,8 @@ Two load shapes, both over a fixed measured window after a warm-up:
 APIs: `mmkd` (the server's own `mmkd.v1.Inference/Classify`, also what the echo floor speaks) and `kserve`
 (KServe v2 `ModelInfer` through `tritonclient.grpc.aio`, the client Triton users already have: used for the
 PyTriton peer and for our server's KServe endpoint). Several `--target` addresses are balanced with gRPC's
-`round_robin` policy on one channel.
+`round_robin` policy on one channel. `--channels K` (mmkd API) opens K connections and spreads requests over
+them, as K clients would: what a `mmkd-serve --workers N` server needs, since the kernel balances connections.
 
     python -m benchmarks.loadgen --target 127.0.0.1:50051 --model student --payloads p.jsonl \\
         --concurrency 1,8,32 --rates 100,200 --duration 5 --out load.json
@@ -61,6 +62,7 @@ class LoadPlan:
     max_outstanding: int = 4096  # open loop: arrivals beyond this are counted as client_overload errors
     kserve_shape: tuple[int, ...] = (1, 1)  # BYTES tensor shape per request (Triton with batching: [1, 1])
     server_groups: tuple[int, ...] = ()  # process groups whose CPU seconds per request are reported
+    channels: int = 1  # mmkd API: connections opened, requests spread over them in turn
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -85,18 +87,25 @@ async def mmkd_sender(plan: LoadPlan):
     from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
 
     target, options = channel_target(plan.targets)
-    channel = grpc.aio.insecure_channel(target, options=options)
-    await asyncio.wait_for(channel.channel_ready(), timeout=plan.timeout_s)
-    stub = pb_grpc.InferenceStub(channel)
+    if plan.channels > 1:  # without a local pool, channels with equal arguments share one connection
+        options = options + [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(plan.channels)]
+    await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=plan.timeout_s)
+    stubs = [pb_grpc.InferenceStub(c) for c in channels]
+    turn = iter(range(1 << 62))
 
     async def send(sample: Sample) -> dict[str, float] | None:
+        stub = stubs[next(turn) % len(stubs)]
         reply = await stub.Classify(pb.ClassifyRequest(model=plan.model, image=sample.image, text=sample.text,
                                                        top_k=5), timeout=plan.timeout_s)
         if not reply.HasField("timings"):
             return None
         return {name: float(getattr(reply.timings, name)) for name in TIMING_FIELDS}
 
-    return send, channel.close
+    async def close() -> None:
+        await asyncio.gather(*(c.close() for c in channels))
+
+    return send, close
 
 
 async def kserve_sender(plan: LoadPlan):
@@ -104,6 +113,8 @@ async def kserve_sender(plan: LoadPlan):
 
     if len(plan.targets) != 1:
         raise ValueError("the kserve API (tritonclient) takes exactly one --target")
+    if plan.channels != 1:
+        raise ValueError("--channels is for the mmkd API; tritonclient opens one connection per client")
     client = tc.InferenceServerClient(url=plan.targets[0])
     shape = list(plan.kserve_shape)
 
@@ -324,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kserve-shape", type=_ints, default=(1, 1))
     parser.add_argument("--server-group", type=int, action="append", default=[],
                         help="process group id of a server under test: report its CPU ms per request; repeatable")
+    parser.add_argument("--channels", type=int, default=1,
+                        help="connections to open (mmkd API), requests spread over them in turn (default 1)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     plan = LoadPlan(targets=tuple(args.target), model=args.model, api=args.api, concurrency=args.concurrency,
                     rates=args.rates, duration_s=args.duration, warmup_s=args.warmup, timeout_s=args.timeout,
-                    kserve_shape=args.kserve_shape, server_groups=tuple(args.server_group))
+                    kserve_shape=args.kserve_shape, server_groups=tuple(args.server_group),
+                    channels=args.channels)
     rows = asyncio.run(run_plan(plan, read_payloads(args.payloads)))
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")

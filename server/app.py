@@ -63,7 +63,7 @@ class InferenceServer:
         self._server = grpc.aio.server(interceptors=self._interceptors(), maximum_concurrent_rpcs=self.rpc_limit,
                                        options=[("grpc.max_receive_message_length", s.max_message_bytes),
                                                 ("grpc.max_send_message_length", s.max_message_bytes),
-                                                ("grpc.so_reuseport", 0)])
+                                                ("grpc.so_reuseport", int(s.reuse_port))])
         for service in ("", *SERVICES):
             await self._set_health(service, NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -35,6 +35,8 @@ class ServerSettings:
     models: tuple[str, ...] = ()  # empty: every bundle folder in the repository
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)
+    workers: int = 1  # server processes sharing the port (server/workers.py)
+    reuse_port: bool = False  # SO_REUSEPORT: set for workers; off otherwise, so that a port in use is an error
     max_batch_size: int = 16
     max_queue_delay_ms: float = 5.0
     eager_dispatch: bool = True  # a request that finds the model idle runs at once instead of waiting the delay
@@ -109,11 +111,11 @@ class ServerSettings:
         return cls(**merged)
 
 
-_INT_FIELDS = ("port", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
+_INT_FIELDS = ("port", "workers", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
                "inline_preprocess_bytes", "max_concurrent_rpcs",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
 _FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s", "inline_compute_ms")
-_BOOL_FIELDS = ("auth_health", "eager_dispatch", "intra_op_spinning")
+_BOOL_FIELDS = ("auth_health", "eager_dispatch", "intra_op_spinning", "reuse_port")
 
 
 def _type_problems(s: ServerSettings) -> list[str]:
@@ -148,8 +150,8 @@ def _value_problems(s: ServerSettings) -> list[str]:
         problems.append(f"max_queue_delay_ms must be in [0, 10000], got {s.max_queue_delay_ms}")
     if s.max_queue_size < 1:
         problems.append(f"max_queue_size must be >= 1, got {s.max_queue_size}")
-    for name in ("instances", "preprocess_threads", "max_message_bytes", "max_image_bytes", "max_image_pixels",
-                 "max_text_chars"):
+    for name in ("workers", "instances", "preprocess_threads", "max_message_bytes", "max_image_bytes",
+                 "max_image_pixels", "max_text_chars"):
         if getattr(s, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.inline_preprocess_bytes < 0:

@@ -78,3 +78,35 @@ def test_error_code_names_grpc_status():
 
     assert error_code(Fake()) == "RESOURCE_EXHAUSTED"
     assert error_code(ValueError("x")) == "ValueError"
+
+
+def test_channels_open_that_many_connections_and_take_turns():
+    # `--channels K` is what `mmkd-serve --workers N` needs: the kernel balances connections, not requests.
+    from benchmarks.echo import EchoServicer
+    from benchmarks.loadgen import mmkd_sender
+
+    class PeerRecorder(EchoServicer):
+        def __init__(self) -> None:
+            super().__init__(num_labels=5)
+            self.peers: list[str] = []
+
+        async def Classify(self, request, context):
+            self.peers.append(context.peer())  # ipv4:127.0.0.1:<client port>: one per connection
+            return await super().Classify(request, context)
+
+    async def main():
+        servicer = PeerRecorder()
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        send, close = await mmkd_sender(LoadPlan(targets=(f"127.0.0.1:{port}",), model="m", channels=3))
+        sample = synthetic_samples(1, 16)[0]
+        for _ in range(9):
+            await send(sample)
+        await close()
+        await server.stop(None)
+        return servicer.peers
+
+    peers = asyncio.run(main())
+    assert len(set(peers)) == 3 and Counter(peers).most_common(1)[0][1] == 3

@@ -115,11 +115,15 @@ def _sample(text: str, key: str) -> float:
     raise AssertionError(f"{key} not in metrics")
 
 
-def test_classify_stream_answers_in_request_order_and_reports_bad_items_in_stream(stub):
+def test_classify_stream_answers_in_request_order_and_reports_bad_items_in_stream(stub, repo):
     requests = [pb.ClassifyRequest(model="tiny", image=make_image(i), text=QUESTIONS[i % 5], request_id=f"r{i}")
                 for i in range(12)]
     requests.insert(5, pb.ClassifyRequest(model="tiny", image=b"not an image", text="what", request_id="bad"))
-    answers = list(stub.ClassifyStream(iter(requests), timeout=20))
+    # Batches wait up to 500 ms for company (no eager dispatch), so that streamed requests meet in a batch even
+    # when a busy machine reads the stream slowly.
+    patient = settings_for(repo, max_batch_size=16, max_queue_delay_ms=500, eager_dispatch=False)
+    with ServerThread(patient) as srv, grpc.insecure_channel(srv.address) as channel:
+        answers = list(pb_grpc.InferenceStub(channel).ClassifyStream(iter(requests), timeout=20))
     assert [a.request_id for a in answers] == [r.request_id for r in requests]
     bad = answers[5]
     assert bad.WhichOneof("result") == "error"
