@@ -10,7 +10,8 @@ computes. Without it the batcher behaves like Triton's: the oldest request alway
 event loop: for a model whose batch of 1 takes a fraction of a millisecond, the two thread hand-offs cost more
 than the compute (the engine enables it per model from its warm-up timing).
 Batches run in executor threads (ONNX Runtime releases the GIL). Every future is resolved or failed: a batch
-that raises, or returns the wrong number of results, fails every request in it. Requests whose client cancelled
+that raises, or returns the wrong number of results, fails every request in it; a result that is an exception
+fails its own request only (a malformed input found while preparing the batch). Requests whose client cancelled
 or whose deadline passed while queued are dropped before compute. A full queue refuses at once.
 """
 
@@ -210,6 +211,8 @@ class DynamicBatcher(Generic[T, R]):
             raise BatchError(f"run_batch returned {len(results)} results for 1 request")
         compute = time.monotonic() - start
         self._observer.batch(1, [0.0], compute)
+        if isinstance(results[0], BaseException):
+            raise results[0]
         return BatchResult(results[0], 0.0, compute, 1)
 
     async def _run(self, batch: list[_Pending]) -> None:
@@ -231,7 +234,11 @@ class DynamicBatcher(Generic[T, R]):
         queue_times = [start - p.enqueued for p in batch]
         self._observer.batch(len(batch), queue_times, compute)
         for pending, value, queued in zip(batch, results, queue_times):
-            if not pending.future.done():
+            if pending.future.done():
+                continue
+            if isinstance(value, BaseException):
+                pending.future.set_exception(value)
+            else:
                 pending.future.set_result(BatchResult(value, queued, compute, len(batch)))
 
     @staticmethod

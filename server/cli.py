@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also require the token for health checks (default: health stays open for probes)")
     p.add_argument("--preprocess-threads", type=int, help="threads decoding images and texts (default 2)")
     p.add_argument("--inline-preprocess-bytes", type=int,
-                   help="images up to this many bytes are decoded on the event loop instead of the thread pool, "
-                        "where a hand-off costs more than the decode (default 65536; 0: always the pool)")
+                   help="images up to this many bytes are prepared inline (see --preprocess-in) instead of in the "
+                        "thread pool, where a hand-off per request costs more than the decode (default 65536; "
+                        "0: always the pool)")
+    p.add_argument("--preprocess-in", choices=("auto", "loop", "batch"),
+                   help="where inline requests are prepared: 'batch' by the compute thread as part of their batch, "
+                        "'loop' on the event loop; 'auto' (default) picks batch for models whose per-sample "
+                        "compute at full batch costs less than preparing a request, measured at warm-up")
     p.add_argument("--inline-compute-ms", type=float,
                    help="a request that finds its model idle runs on the event loop, without the two thread "
                         "hand-offs, when the model's batch of 1 took at most this long at warm-up: lower latency for "

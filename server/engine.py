@@ -7,6 +7,7 @@ same metrics; they differ only in how they read requests and write responses.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,9 +20,12 @@ import numpy as np
 from server.batcher import DynamicBatcher
 from server.errors import NotReadyError, QueueFullError, ShuttingDownError
 from server.metrics import ServerMetrics
-from server.model import ModelRegistry, Prepared, ServedModel
+from server.logs import fields
+from server.model import ModelRegistry, Prepared, Raw, Row, ServedModel
 from server.settings import ServerSettings
 from server.status import status_for
+
+log = logging.getLogger("mmkd.server.engine")
 
 
 @dataclass(frozen=True)
@@ -51,13 +55,21 @@ class Engine:
         self._idle.set()
         self._preprocess = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="mmkd-pre")
         self._compute: dict[str, ThreadPoolExecutor] = {}
-        self._batchers: dict[str, DynamicBatcher[Prepared, np.ndarray]] = {}
+        self._batchers: dict[str, DynamicBatcher[Prepared | Raw, Row]] = {}
+        self._in_batch: dict[str, bool] = {}  # per model: small requests prepared by the compute thread
 
     def add(self, model: ServedModel) -> None:
         """Serve a loaded, warmed-up model (call inside the event loop: the batcher starts a task)."""
         s = self.settings
         pool = ThreadPoolExecutor(s.instances, thread_name_prefix=f"mmkd-ort-{model.name}")
         inline = model.single_run_s * 1000.0 <= s.inline_compute_ms
+        in_batch = s.preprocess_in == "batch" or (s.preprocess_in == "auto" and model.preprocess_in_batch())
+        self._in_batch[model.name] = in_batch
+        log.info("model_scheduling", extra=fields(
+            model=model.name, preprocess_in="batch" if in_batch else "loop", inline_compute=inline,
+            sample_compute_ms=round(model.sample_compute_s * 1000, 4),
+            sample_preprocess_ms=round(model.sample_preprocess_s * 1000, 4),
+            single_run_ms=round(model.single_run_s * 1000, 4)))
         self._compute[model.name] = pool
         self._batchers[model.name] = DynamicBatcher(
             model.run_batch, executor=pool, max_batch_size=s.max_batch_size,
@@ -74,7 +86,8 @@ class Engine:
 
     async def infer(self, model: ServedModel, image: bytes, text: str, *, deadline: float | None = None,
                     index: int | None = None) -> Answer:
-        """Preprocess in the thread pool, then wait for the batcher; raises InputError and ServerError types."""
+        """Preprocess (inline or in the thread pool), then wait for the batcher; raises InputError and ServerError
+        types."""
         if self.closing:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         batcher = self._batchers[model.name]
@@ -85,22 +98,27 @@ class Engine:
         self._idle.clear()
         try:  # admitted requests are counted so that close() lets them finish before the batchers close
             try:
-                if len(image) <= self.settings.inline_preprocess_bytes:
-                    # Small images decode in ~0.1 ms; a thread-pool round trip costs more than that in wake-ups
-                    # and GIL hand-offs, so they are prepared on the event loop (measured: see server/README.md).
-                    prepared = model.prepare(image, text, index=index)
+                # Small images decode in ~0.1 ms; a thread-pool round trip per request costs more than that in
+                # wake-ups and GIL hand-offs, so they are prepared inline: by the compute thread as part of their
+                # batch, or on the event loop (ServedModel.preprocess_in_batch; measured: server/README.md).
+                item: Prepared | Raw
+                if len(image) > self.settings.inline_preprocess_bytes:
+                    item = await loop.run_in_executor(self._preprocess,
+                                                      lambda: model.prepare(image, text, index=index))
+                elif self._in_batch[model.name]:
+                    item = Raw(image, text, index)
                 else:
-                    prepared = await loop.run_in_executor(self._preprocess,
-                                                          lambda: model.prepare(image, text, index=index))
+                    item = model.prepare(image, text, index=index)
             finally:
                 self._preprocessing[model.name] -= 1
-            result = await batcher.submit(prepared, deadline=deadline)
+            result = await batcher.submit(item, deadline=deadline)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-        return Answer(result.value, prepared.preprocess_s, result.queue_s, result.compute_s,
-                      time.monotonic() - start, result.batch_size)
+        row: Row = result.value
+        return Answer(row.logits, row.preprocess_s, result.queue_s, row.compute_s, time.monotonic() - start,
+                      result.batch_size)
 
     def _admit(self, name: str, batcher: DynamicBatcher) -> None:
         """Refuse before preprocessing when the queue is already full, so overload costs no decoding work and

@@ -7,6 +7,7 @@ sub-folder with a bundle.json): on a GPU the fp16 variant is preferred, on the C
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from export.bundle import (SPEC_FILE, Bundle, BundleError, InputLimits, TextEncoder, check_text, decode_image,
-                           image_to_array, load_bundle)
+from export.bundle import (SPEC_FILE, Bundle, BundleError, InputError, InputLimits, TextEncoder, check_text,
+                           decode_image, image_to_array, load_bundle)
 
 from server.errors import ModelLoadError, ModelNotFoundError
 from server.runtime import CPU, Device, OrtRunner
@@ -35,8 +37,27 @@ class Prepared:
     preprocess_s: float
 
 
+@dataclass(frozen=True)
+class Raw:
+    """One request still to preprocess: prepared by the compute thread as part of its batch."""
+
+    image: bytes
+    text: str
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's answer from a batch: its logits (C,) float32, its preprocessing time (wherever that ran)
+    and the ONNX Runtime time of the batch it ran in."""
+
+    logits: np.ndarray
+    preprocess_s: float
+    compute_s: float
+
+
 class ServedModel:
-    """Turns (image bytes, text) into `Prepared` and batches of `Prepared` into logits rows."""
+    """Turns (image bytes, text) into `Prepared` and batches of `Prepared` or `Raw` into `Row`s."""
 
     def __init__(self, name: str, bundle: Bundle, runner: OrtRunner, limits: InputLimits) -> None:
         self.name = name
@@ -47,6 +68,8 @@ class ServedModel:
         self.encoder = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess, limits)
         self.ready = False
         self.single_run_s = float("inf")  # median time of a batch of 1, measured at warm-up
+        self.sample_compute_s = float("inf")  # per-sample time of a full batch, measured at warm-up
+        self.sample_preprocess_s = 0.0  # one request's preprocessing, measured at warm-up
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -81,10 +104,27 @@ class ServedModel:
         pixels = np.stack([it.pixels for it in items])  # (B, 3, H, W)
         return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": attention_mask}
 
-    def run_batch(self, items: Sequence[Prepared]) -> list[np.ndarray]:
-        """Run ORT on a batch (executor thread); one float32 logits row (C,) per item."""
-        logits = self.runner.run(self.collate(items), outputs=("logits",))["logits"].astype(np.float32)  # (B, C)
-        return list(logits)
+    def run_batch(self, items: Sequence[Prepared | Raw]) -> list[Row | InputError]:
+        """Prepare the `Raw` items, run ORT once on every item that prepared (executor thread); one `Row` per item,
+        or the InputError of an item that did not prepare: a malformed request fails alone, not its batch."""
+        out: list[Row | InputError | None] = [None] * len(items)
+        ready: list[tuple[int, Prepared]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, Raw):
+                try:
+                    item = self.prepare(item.image, item.text, index=item.index)
+                except InputError as exc:
+                    out[i] = exc
+                    continue
+            ready.append((i, item))
+        if ready:
+            start = time.monotonic()
+            feeds = self.collate([item for _, item in ready])
+            logits = self.runner.run(feeds, outputs=("logits",))["logits"].astype(np.float32)  # (B, C)
+            compute = time.monotonic() - start
+            for (i, item), row in zip(ready, logits):
+                out[i] = Row(row, item.preprocess_s, compute)
+        return out  # type: ignore[return-value] - every slot is filled above
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run a batch of 1 and a full batch at full text length so the first request pays no set-up cost."""
@@ -93,11 +133,32 @@ class ServedModel:
         item = Prepared(np.zeros((3, size, size), np.float32), ids, 0.0)
         for batch in sorted({1, max_batch_size}):
             out = self.run_batch([item] * batch)
-            if len(out) != batch or out[0].shape != (len(self.labels),):
-                raise ModelLoadError(f"model {self.name}: warm-up gave {len(out)} rows of shape {out[0].shape}, "
+            shape = out[0].logits.shape  # type: ignore[union-attr] - a Prepared item cannot fail to prepare
+            if len(out) != batch or shape != (len(self.labels),):
+                raise ModelLoadError(f"model {self.name}: warm-up gave {len(out)} rows of shape {shape}, "
                                      f"expected {batch} rows of ({len(self.labels)},) — labels and graph disagree")
         self.single_run_s = _median_time(lambda: self.run_batch([item]), repeats=7)
+        self.sample_compute_s = _median_time(lambda: self.run_batch([item] * max_batch_size), 3) / max_batch_size
+        image, text = _warm_up_request(size)
+        self.sample_preprocess_s = _median_time(lambda: self.prepare(image, text), repeats=7)
         self.ready = True
+
+    def preprocess_in_batch(self) -> bool:
+        """Whether small requests are best prepared by the compute thread, as part of their batch.
+
+        Whichever thread has time to spare should decode: when a sample's share of a full batch costs less than
+        preparing it (a small student), the compute thread idles while the event loop, preparing every request,
+        is the bottleneck; when the model costs more (a teacher), the event loop should prepare the next requests
+        while ONNX Runtime computes (measured: server/README.md)."""
+        return self.sample_compute_s < self.sample_preprocess_s
+
+
+def _warm_up_request(size: int) -> tuple[bytes, str]:
+    """A PNG of noise at the model's input size (pessimistic: noise compresses worst) and a short question."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue(), "what colour is the circle?"
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:

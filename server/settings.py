@@ -50,7 +50,8 @@ class ServerSettings:
     auth_token_file: Path | None = None
     auth_health: bool = False  # also require the token for grpc.health.v1 (probes usually can't send one)
     preprocess_threads: int = 2
-    inline_preprocess_bytes: int = 64 * 1024  # images up to this size are decoded on the event loop, not the pool
+    inline_preprocess_bytes: int = 64 * 1024  # images up to this size are prepared inline, larger in the pool
+    preprocess_in: str = "auto"  # where inline requests are prepared: auto | loop (event loop) | batch (compute)
     inline_compute_ms: float = 0.0  # a lone request runs on the event loop when the model's batch of 1 is this fast
     intra_op_threads: int = 0  # ORT threads per run; 0: every core but one, which the event loop needs (>= 1)
     intra_op_spinning: bool = False  # ORT's workers busy-wait between runs (ORT's own default is on)
@@ -169,6 +170,8 @@ def _value_problems(s: ServerSettings) -> list[str]:
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     if (s.tls_cert is None) != (s.tls_key is None):
         problems.append("tls_cert and tls_key go together: give both or neither")
+    if s.preprocess_in not in ("auto", "loop", "batch"):
+        problems.append(f"preprocess_in must be 'auto', 'loop' or 'batch', got {s.preprocess_in!r}")
     if s.log_format not in ("json", "text"):
         problems.append(f"log_format must be 'json' or 'text', got {s.log_format!r}")
     if not s.host:

@@ -201,6 +201,22 @@ def test_failing_batch_fails_every_future_in_it_and_the_batcher_keeps_working():
     assert after.value == 10
 
 
+def test_an_exception_in_place_of_a_result_fails_that_request_alone():
+    def run_batch(items):
+        return [ValueError(f"item {x} is malformed") if x < 0 else 2 * x for x in items]
+
+    async def main():
+        b = DynamicBatcher(run_batch, executor=ThreadPoolExecutor(1), max_batch_size=8, max_queue_delay_s=0.05,
+                           max_queue_size=64, eager_when_idle=False)
+        results = await asyncio.gather(b.submit(1), b.submit(-1), b.submit(3), return_exceptions=True)
+        await b.close()
+        return results
+
+    ok1, bad, ok3 = run(main())
+    assert ok1.value == 2 and ok3.value == 6 and ok1.batch_size == 3  # one batch, two answers
+    assert isinstance(bad, ValueError) and "item -1" in str(bad)
+
+
 def test_wrong_result_count_fails_the_batch_instead_of_misassigning_results():
     async def main():
         b = make(Recorder(drop_one=True), max_queue_delay_s=0.01)

@@ -61,6 +61,28 @@ def test_thread_pool_preprocessing_gives_the_same_answers_as_inline(repo):
                                        reference_probs(repo / "tiny", make_image(seed), text), atol=1e-5)
 
 
+@pytest.mark.parametrize("place", ["batch", "loop"])
+def test_malformed_request_in_a_batch_fails_alone_wherever_requests_are_prepared(repo, place):
+    # --preprocess-in batch: the compute thread prepares a batch's requests and a malformed one is only found
+    # there; it must fail alone with its own INVALID_ARGUMENT while the rest of its batch is answered.
+    settings = settings_for(repo, preprocess_in=place, max_batch_size=16, max_queue_delay_ms=300,
+                            eager_dispatch=False)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        client = pb_grpc.InferenceStub(ch)
+        bad = pb.ClassifyRequest(model="tiny", image=b"\x89PNG\r\n\x1a\n garbage", text="what")
+        with ThreadPoolExecutor(8) as pool:
+            good = [pool.submit(classify, client, seed=i, text=QUESTIONS[i % 5]) for i in range(6)]
+            failed = pool.submit(client.Classify, bad, timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                failed.result()
+            answers = [f.result() for f in good]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image" in err.value.details()
+    for i, answer in enumerate(answers):
+        expected = reference_probs(repo / "tiny", make_image(i), QUESTIONS[i % 5])
+        np.testing.assert_allclose(answer.probabilities, expected, atol=1e-5)
+    assert max(a.timings.batch_size for a in answers) > 1, "the 300 ms delay should have batched the requests"
+
+
 def test_inline_compute_gives_the_same_answers_alone_and_under_concurrency(repo):
     # --inline-compute-ms: a lone request runs on the event loop (never queued); concurrent ones get their own
     # answers whichever way they run (that simultaneous arrivals batch is proven in test_batcher.py).

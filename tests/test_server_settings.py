@@ -27,9 +27,9 @@ def test_defaults_and_frozen():
 def test_all_value_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         ServerSettings(model_repository="m", port=70000, max_batch_size=0, device="gpu", tls_cert="c.pem",
-                       inline_compute_ms=-1)
+                       inline_compute_ms=-1, preprocess_in="gpu")
     message = str(err.value)
-    for needle in ("port", "max_batch_size", "device", "tls_cert and tls_key", "inline_compute_ms"):
+    for needle in ("port", "max_batch_size", "device", "tls_cert and tls_key", "inline_compute_ms", "preprocess_in"):
         assert needle in message
 
 
