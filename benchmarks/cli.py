@@ -94,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="extra mmkd-serve flag for every served run, e.g. --server-arg=--intra-op-threads=1 "
                         "(repeatable)")
     p.add_argument("--channels", type=int, default=None,
-                   help="connections each mmkd-API load run opens, echo included (default 1); use with "
-                        "--server-arg=--workers=N, since the kernel spreads connections over the workers")
+                   help="connections each load run opens, for every target alike (echo and PyTriton included; "
+                        "default 1); use with --server-arg=--workers=N, since the kernel spreads connections")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))

@@ -10,8 +10,8 @@ Two load shapes, both over a fixed measured window after a warm-up:
 APIs: `mmkd` (the server's own `mmkd.v1.Inference/Classify`, also what the echo floor speaks) and `kserve`
 (KServe v2 `ModelInfer` through `tritonclient.grpc.aio`, the client Triton users already have: used for the
 PyTriton peer and for our server's KServe endpoint). Several `--target` addresses are balanced with gRPC's
-`round_robin` policy on one channel. `--channels K` (mmkd API) opens K connections and spreads requests over
-them, as K clients would: what a `mmkd-serve --workers N` server needs, since the kernel balances connections.
+`round_robin` policy on one channel. `--channels K` opens K connections and spreads requests over them, as K
+clients would: what a `mmkd-serve --workers N` server needs, since the kernel balances connections.
 
     python -m benchmarks.loadgen --target 127.0.0.1:50051 --model student --payloads p.jsonl \\
         --concurrency 1,8,32 --rates 100,200 --duration 5 --out load.json
@@ -62,7 +62,7 @@ class LoadPlan:
     max_outstanding: int = 4096  # open loop: arrivals beyond this are counted as client_overload errors
     kserve_shape: tuple[int, ...] = (1, 1)  # BYTES tensor shape per request (Triton with batching: [1, 1])
     server_groups: tuple[int, ...] = ()  # process groups whose CPU seconds per request are reported
-    channels: int = 1  # mmkd API: connections opened, requests spread over them in turn
+    channels: int = 1  # connections opened (clients, for kserve), requests spread over them in turn
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -113,9 +113,12 @@ async def kserve_sender(plan: LoadPlan):
 
     if len(plan.targets) != 1:
         raise ValueError("the kserve API (tritonclient) takes exactly one --target")
-    if plan.channels != 1:
-        raise ValueError("--channels is for the mmkd API; tritonclient opens one connection per client")
-    client = tc.InferenceServerClient(url=plan.targets[0])
+    args = None  # tritonclient's own defaults for one client
+    if plan.channels > 1:  # one client per connection; without a local pool they would share one connection
+        args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                ("grpc.use_local_subchannel_pool", 1)]
+    clients = [tc.InferenceServerClient(url=plan.targets[0], channel_args=args) for _ in range(plan.channels)]
+    turn = iter(range(1 << 62))
     shape = list(plan.kserve_shape)
 
     async def send(sample: Sample) -> None:
@@ -123,10 +126,14 @@ async def kserve_sender(plan: LoadPlan):
         image.set_data_from_numpy(np.array([sample.image], dtype=np.object_).reshape(shape))
         text = tc.InferInput("text", shape, "BYTES")
         text.set_data_from_numpy(np.array([sample.text.encode()], dtype=np.object_).reshape(shape))
+        client = clients[next(turn) % len(clients)]
         await client.infer(plan.model, [image, text], outputs=[tc.InferRequestedOutput("logits")],
                            client_timeout=plan.timeout_s)
 
-    return send, client.close
+    async def close() -> None:
+        await asyncio.gather(*(c.close() for c in clients))
+
+    return send, close
 
 
 def error_code(exc: BaseException) -> str:
@@ -292,21 +299,27 @@ def spawn(plan: LoadPlan, payloads: Path, timeout_s: float | None = None, python
     """Run the load generator in a fresh process and return its rows (the parent's CPU stays out of it)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
-        cmd = [python, "-m", "benchmarks.loadgen", "--model", plan.model, "--api", plan.api,
-               "--payloads", str(payloads), "--out", str(out),
-               "--concurrency", ",".join(map(str, plan.concurrency)), "--rates", ",".join(map(str, plan.rates)),
-               "--duration", str(plan.duration_s), "--warmup", str(plan.warmup_s), "--timeout", str(plan.timeout_s),
-               "--kserve-shape", ",".join(map(str, plan.kserve_shape))]
-        for target in plan.targets:
-            cmd += ["--target", target]
-        for group in plan.server_groups:
-            cmd += ["--server-group", str(group)]
+        cmd = [python, "-m", "benchmarks.loadgen", *command_args(plan, payloads, out)]
         budget = timeout_s or (len(plan.concurrency) + len(plan.rates)) * (plan.duration_s + plan.warmup_s
                                                                             + plan.timeout_s) + 60
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget, cwd=_repo_root())
         if proc.returncode != 0:
             raise RuntimeError(f"load generator failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
         return json.loads(out.read_text())["rows"]
+
+
+def command_args(plan: LoadPlan, payloads: Path, out: Path) -> list[str]:
+    """The command line that makes `main` run `plan` (plan_from_args of its parse gives `plan` back)."""
+    args = ["--model", plan.model, "--api", plan.api, "--payloads", str(payloads), "--out", str(out),
+            "--concurrency", ",".join(map(str, plan.concurrency)), "--rates", ",".join(map(str, plan.rates)),
+            "--duration", str(plan.duration_s), "--warmup", str(plan.warmup_s), "--timeout", str(plan.timeout_s),
+            "--max-outstanding", str(plan.max_outstanding), "--kserve-shape", ",".join(map(str, plan.kserve_shape)),
+            "--channels", str(plan.channels)]
+    for target in plan.targets:
+        args += ["--target", target]
+    for group in plan.server_groups:
+        args += ["--server-group", str(group)]
+    return args
 
 
 def _repo_root() -> str:
@@ -321,7 +334,7 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__.split("\n")[0])
     parser.add_argument("--target", action="append", required=True, help="HOST:PORT; repeat for round_robin")
     parser.add_argument("--model", required=True)
@@ -336,13 +349,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-group", type=int, action="append", default=[],
                         help="process group id of a server under test: report its CPU ms per request; repeatable")
     parser.add_argument("--channels", type=int, default=1,
-                        help="connections to open (mmkd API), requests spread over them in turn (default 1)")
+                        help="connections to open, requests spread over them in turn (default 1)")
+    parser.add_argument("--max-outstanding", type=int, default=LoadPlan.max_outstanding,
+                        help="open loop: arrivals beyond this many in flight count as client_overload errors")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    plan = LoadPlan(targets=tuple(args.target), model=args.model, api=args.api, concurrency=args.concurrency,
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> LoadPlan:
+    return LoadPlan(targets=tuple(args.target), model=args.model, api=args.api, concurrency=args.concurrency,
                     rates=args.rates, duration_s=args.duration, warmup_s=args.warmup, timeout_s=args.timeout,
-                    kserve_shape=args.kserve_shape, server_groups=tuple(args.server_group),
-                    channels=args.channels)
+                    max_outstanding=args.max_outstanding, kserve_shape=args.kserve_shape,
+                    server_groups=tuple(args.server_group), channels=args.channels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = plan_from_args(args)
     rows = asyncio.run(run_plan(plan, read_payloads(args.payloads)))
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")

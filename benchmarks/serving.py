@@ -32,7 +32,7 @@ class ServingPlan:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     server_args: tuple[str, ...] = ()
-    channels: int = 1  # connections per mmkd-API load run (echo included); with --server-arg=--workers=N
+    channels: int = 1  # connections per load run, every target alike; with --server-arg=--workers=N
 
     @classmethod
     def quick(cls) -> "ServingPlan":
@@ -42,7 +42,7 @@ class ServingPlan:
              ) -> LoadPlan:
         return LoadPlan(targets=tuple(targets), model=model, api=api, concurrency=self.concurrency, rates=(),
                         duration_s=self.duration_s, warmup_s=self.warmup_s, server_groups=tuple(server_groups),
-                        channels=self.channels if api == "mmkd" else 1)
+                        channels=self.channels)
 
 
 def drive(load: LoadPlan, payloads: Path, plan: ServingPlan, labels: dict) -> list[dict]:

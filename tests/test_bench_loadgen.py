@@ -110,3 +110,14 @@ def test_channels_open_that_many_connections_and_take_turns():
 
     peers = asyncio.run(main())
     assert len(set(peers)) == 3 and Counter(peers).most_common(1)[0][1] == 3
+
+
+def test_the_spawned_process_runs_exactly_the_plan_it_was_given(tmp_path):
+    # Every LoadPlan field must survive the command line to the load process (--channels once did not).
+    from benchmarks.loadgen import build_parser, command_args, plan_from_args
+
+    plan = LoadPlan(targets=("127.0.0.1:1", "127.0.0.1:2"), model="m", api="kserve", concurrency=(2, 5),
+                    rates=(10.0, 20.5), duration_s=1.5, warmup_s=0.25, timeout_s=3.0, max_outstanding=99,
+                    kserve_shape=(1, 2), server_groups=(11, 12), channels=7)
+    args = build_parser().parse_args(command_args(plan, tmp_path / "p.jsonl", tmp_path / "o.json"))
+    assert plan_from_args(args) == plan
