@@ -81,7 +81,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.eager_when_idle = eager_when_idle
-        self.inline_when_idle = inline_when_idle
+        self.inline_when_idle = inline_when_idle and eager_when_idle  # never skip a delay the user asked for
         self._lone = False  # a request is checking whether it may run inline
         self._slots = asyncio.Semaphore(instances)
         self._active = 0  # batches computing now

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compute at full batch costs less than preparing a request, measured at warm-up")
     p.add_argument("--inline-compute-ms", type=float,
                    help="a request that finds its model idle runs on the event loop, without the two thread "
-                        "hand-offs, when the model's batch of 1 took at most this long at warm-up: lower latency for "
-                        "lone requests, slightly smaller batches under load (default 0: always the compute thread)")
+                        "hand-offs, when the model's batch of 1 took at most this long at warm-up and eager dispatch "
+                        "is on (default 0.5; 0: always the compute thread)")
     p.add_argument("--intra-op-threads", type=int,
                    help="ONNX Runtime threads per run (default 0: every core but one, left to the event loop)")
     p.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=None,

@@ -144,6 +144,21 @@ def test_inline_lone_request_runs_on_the_event_loop_without_a_thread_hand_off():
     assert obs.sizes == [1]
 
 
+def test_inline_never_skips_the_delay_of_a_batcher_without_eager_dispatch():
+    async def main():
+        rec = Recorder()
+        b = make(rec, max_queue_delay_s=0.2, eager_when_idle=False, inline_when_idle=True)
+        start = time.monotonic()
+        result = await b.submit(1)
+        elapsed = time.monotonic() - start
+        await b.close()
+        return rec, result, elapsed
+
+    rec, result, elapsed = run(main())
+    assert elapsed >= 0.18 and result.queue_s >= 0.18, "--no-eager-dispatch waits the delay, inline or not"
+    assert rec.threads[0] != threading.get_ident()
+
+
 def test_inline_requests_arriving_together_still_batch_in_the_compute_thread():
     async def main():
         rec = Recorder()

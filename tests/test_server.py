@@ -26,7 +26,10 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    with ServerThread(settings_for(repo, max_batch_size=16, max_queue_delay_ms=20, metrics_port=0)) as srv:
+    # The tiny models compute in microseconds: with --inline-compute-ms, staggered requests from client threads
+    # would each find the model idle and run alone on the event loop, and the batching checks would see no batches.
+    settings = settings_for(repo, max_batch_size=16, max_queue_delay_ms=20, metrics_port=0, inline_compute_ms=0)
+    with ServerThread(settings) as srv:
         yield srv
 
 
