@@ -26,8 +26,8 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    # The tiny models compute in microseconds: with --inline-compute-ms, staggered requests from client threads
-    # would each find the model idle and run alone on the event loop, and the batching checks would see no batches.
+    # inline_compute_ms=0 (the default, stated because the batching checks depend on it): the tiny models compute
+    # in microseconds, so with --inline-compute-ms staggered requests would each run alone on the event loop.
     settings = settings_for(repo, max_batch_size=16, max_queue_delay_ms=20, metrics_port=0, inline_compute_ms=0)
     with ServerThread(settings) as srv:
         yield srv
