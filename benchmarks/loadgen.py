@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import subprocess
@@ -91,12 +92,10 @@ async def mmkd_sender(plan: LoadPlan):
         options = options + [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(plan.channels)]
     await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), timeout=plan.timeout_s)
-    stubs = [pb_grpc.InferenceStub(c) for c in channels]
-    turn = iter(range(1 << 62))
+    stubs = itertools.cycle([pb_grpc.InferenceStub(c) for c in channels])
 
     async def send(sample: Sample) -> dict[str, float] | None:
-        stub = stubs[next(turn) % len(stubs)]
-        reply = await stub.Classify(pb.ClassifyRequest(model=plan.model, image=sample.image, text=sample.text,
+        reply = await next(stubs).Classify(pb.ClassifyRequest(model=plan.model, image=sample.image, text=sample.text,
                                                        top_k=5), timeout=plan.timeout_s)
         if not reply.HasField("timings"):
             return None
@@ -118,7 +117,7 @@ async def kserve_sender(plan: LoadPlan):
         args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
                 ("grpc.use_local_subchannel_pool", 1)]
     clients = [tc.InferenceServerClient(url=plan.targets[0], channel_args=args) for _ in range(plan.channels)]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(clients)
     shape = list(plan.kserve_shape)
 
     async def send(sample: Sample) -> None:
@@ -126,8 +125,7 @@ async def kserve_sender(plan: LoadPlan):
         image.set_data_from_numpy(np.array([sample.image], dtype=np.object_).reshape(shape))
         text = tc.InferInput("text", shape, "BYTES")
         text.set_data_from_numpy(np.array([sample.text.encode()], dtype=np.object_).reshape(shape))
-        client = clients[next(turn) % len(clients)]
-        await client.infer(plan.model, [image, text], outputs=[tc.InferRequestedOutput("logits")],
+        await next(turn).infer(plan.model, [image, text], outputs=[tc.InferRequestedOutput("logits")],
                            client_timeout=plan.timeout_s)
 
     async def close() -> None:

@@ -112,7 +112,10 @@ class DynamicBatcher(Generic[T, R]):
             first = True  # others arrived while this one looked: it batches with them, first in line
         future = asyncio.get_running_loop().create_future()
         pending = _Pending(item, future, time.monotonic(), deadline)
-        self._queue.appendleft(pending) if first else self._queue.append(pending)
+        if first:
+            self._queue.appendleft(pending)
+        else:
+            self._queue.append(pending)
         self._observer.queue_depth(len(self._queue))
         self._arrived.set()
         return await future  # a cancelled caller cancels the future; the batch former then skips it

@@ -104,21 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mmkd-serve: {exc}", file=sys.stderr)
         return 2
-    if settings.workers > 1:
-        setup_logging(settings.log_format)
-        try:
-            return supervise(settings)
-        except ConfigError as exc:
-            log.error("config_error", extra=fields(error=str(exc)))
-            return 2
     return run(settings)
 
 
 def run(settings: ServerSettings) -> int:
-    """One server process (the whole server, or one of `--workers`) until a signal; returns the exit code."""
+    """The server (one process, or the supervisor of `--workers`; each worker runs this with workers=1) until a
+    signal; returns the exit code."""
     setup_logging(settings.log_format)
     try:
-        return asyncio.run(serve(settings))
+        return supervise(settings) if settings.workers > 1 else asyncio.run(serve(settings))
     except ConfigError as exc:
         log.error("config_error", extra=fields(error=str(exc)))
         return 2

@@ -52,7 +52,7 @@ class ServerSettings:
     preprocess_threads: int = 2
     inline_preprocess_bytes: int = 64 * 1024  # images up to this size are prepared inline, larger in the pool
     preprocess_in: str = "auto"  # where inline requests are prepared: auto | loop (event loop) | batch (compute)
-    inline_compute_ms: float = 0.0  # a lone request runs on the event loop when the model's batch of 1 is this fast
+    inline_compute_ms: float = 0.0  # a lone request runs on the event loop if the model's batch of 1 is this fast
     intra_op_threads: int = 0  # ORT threads per run; 0: every core but one, which the event loop needs (>= 1)
     intra_op_spinning: bool = False  # ORT's workers busy-wait between runs (ORT's own default is on)
     grace_s: float = 10.0  # how long shutdown waits for in-flight requests
@@ -112,8 +112,8 @@ class ServerSettings:
         return cls(**merged)
 
 
-_INT_FIELDS = ("port", "workers", "max_batch_size", "max_queue_size", "instances", "preprocess_threads", "intra_op_threads",
-               "inline_preprocess_bytes", "max_concurrent_rpcs",
+_INT_FIELDS = ("port", "workers", "max_batch_size", "max_queue_size", "instances", "preprocess_threads",
+               "intra_op_threads", "inline_preprocess_bytes", "max_concurrent_rpcs",
                "max_message_bytes", "max_image_bytes", "max_image_pixels", "max_text_chars")
 _FLOAT_FIELDS = ("max_queue_delay_ms", "grace_s", "inline_compute_ms")
 _BOOL_FIELDS = ("auth_health", "eager_dispatch", "intra_op_spinning", "reuse_port")

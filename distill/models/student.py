@@ -101,7 +101,8 @@ def student_c8(**kwargs: Any) -> Student:
 @MODELS.register()
 def student_c8_dense(**kwargs: Any) -> Student:
     """student_c8 with dense convolutions (the default before student_c8_slim): 21x fewer parameters and 14x fewer
-    FLOPs than ``teacher_film_c8_wide``, but only 5.6x its ONNX Runtime throughput at batch 32."""
+    FLOPs than ``teacher_film_c8_wide``, but only 5.9x its ONNX Runtime throughput at batch 32 (24 channels
+    pad to 32 in AVX-512 kernels; measured side by side in configs/shapes.toml)."""
     return _create_student(_CFGS["student_c8_dense"], **kwargs)
 
 
