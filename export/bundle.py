@@ -89,6 +89,11 @@ class InputError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple:
+        """Pickle as (field, message): a model process sends a request's InputError back to the server."""
+        return type(self), (self.field, self.message)
 
 
 class ImageDecodeError(InputError):

@@ -73,7 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                              error=pb.StreamError(code=code.value[0], message=message))
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        label = request.model if request.model in self.engine.models.names() else "_unknown"
+        label = request.model if request.model in self.engine.models else "_unknown"
         with self.engine.track(label, API):
             if not request.model:
                 raise RequestError("model", "is empty; name one of the served models (ListModels)")

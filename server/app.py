@@ -25,12 +25,13 @@ from server._proto.mmkd.v1 import inference_pb2_grpc as mmkd_grpc
 from server.api_kserve import KServeServicer
 from server.api_v1 import InferenceServicer
 from server.auth import BearerTokenInterceptor, read_tokens
-from server.engine import Engine
+from server.engine import Engine, schedule
 from server.errors import ConfigError, ServerError
 from server.logs import fields
 from server.metrics import ServerMetrics
 from server.model import ServedModel, discover, load_model
-from server.runtime import parse_device
+from server.model_process import ModelProcess, ProcessInstances
+from server.runtime import Device, parse_device
 from server.settings import ServerSettings
 
 log = logging.getLogger("mmkd.server")
@@ -78,8 +79,8 @@ class InferenceServer:
                                            tls=s.tls_cert is not None, auth=s.auth_token_file is not None,
                                            max_concurrent_rpcs=self.rpc_limit))
         models = await asyncio.get_running_loop().run_in_executor(None, self._load_models)
-        for model in models:
-            self.engine.add(model)
+        for model, processes in models:
+            self.engine.add(model, processes)
             self.metrics.model_ready.labels(model.name).set(1)
             await self._set_health(model.name, SERVING)
         self.engine.loading = False
@@ -119,8 +120,9 @@ class InferenceServer:
             raise ConfigError(f"cannot bind {s.address}: port in use or not a local address")
         return port
 
-    def _load_models(self) -> list[ServedModel]:
-        """Runs in a worker thread: bundle verification, session creation and warm-up are blocking."""
+    def _load_models(self) -> list[tuple[ServedModel, ProcessInstances | None]]:
+        """Runs in a worker thread: bundle verification, session creation, warm-up and starting model processes
+        are blocking. The server keeps its own copy of each model for its warm-up timings, labels and tokenizer."""
         s = self.settings
         device = parse_device(s.device)
         models = []
@@ -133,8 +135,21 @@ class InferenceServer:
                                                   provider=model.provider, device_id=model.runner.device_id,
                                                   path=str(model.bundle.path),
                                                   load_s=round(time.monotonic() - start, 3)))
-            models.append(model)
+            in_process = schedule(s, model).in_process
+            models.append((model, self._start_processes(model, device) if in_process else None))
         return models
+
+    def _start_processes(self, model: ServedModel, device: Device) -> ProcessInstances:
+        """`--instances` model processes on the variant the server chose (its bundle folder)."""
+        s = self.settings
+        start = time.monotonic()
+        processes = ProcessInstances([
+            ModelProcess(model.name, model.bundle.path, device, s.limits, intra_op_threads=s.ort_threads,
+                         spinning=s.intra_op_spinning, max_batch_size=s.max_batch_size, log_format=s.log_format)
+            for _ in range(s.instances)])
+        log.info("model_processes", extra=fields(model=model.name, pids=[p.pid for p in processes.processes],
+                                                 start_s=round(time.monotonic() - start, 3)))
+        return processes
 
     async def _set_health(self, service: str, status: int) -> None:
         await self.health.set(service, status)

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RPCs in the server at once (streams count once) before gRPC itself refuses new ones with "
                         "RESOURCE_EXHAUSTED (default 0: every model's queue and batches plus 64)")
     p.add_argument("--instances", type=int, help="batches of one model that may run at once (default 1)")
+    p.add_argument("--instance-kind", choices=("auto", "thread", "process"),
+                   help="where each model instance prepares and computes its batches: a 'thread' of the server or "
+                        "a 'process' of its own, so that this work stops sharing the server's interpreter lock "
+                        "with the event loop (more requests/s under load; a pipe round trip per batch of two or "
+                        "more; a second copy of the model in memory). 'auto' (default) picks process for models "
+                        "whose requests are prepared with their batch (see --preprocess-in)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when it really loads)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     p.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key enables TLS")

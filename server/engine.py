@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -22,6 +22,7 @@ from server.errors import NotReadyError, QueueFullError, ShuttingDownError
 from server.metrics import ServerMetrics
 from server.logs import fields
 from server.model import ModelRegistry, Prepared, Raw, Row, ServedModel
+from server.model_process import ProcessInstances
 from server.settings import ServerSettings
 from server.status import status_for
 
@@ -57,22 +58,28 @@ class Engine:
         self._compute: dict[str, ThreadPoolExecutor] = {}
         self._batchers: dict[str, DynamicBatcher[Prepared | Raw, Row]] = {}
         self._in_batch: dict[str, bool] = {}  # per model: small requests prepared by the compute thread
+        self._processes: list[ProcessInstances] = []
 
-    def add(self, model: ServedModel) -> None:
-        """Serve a loaded, warmed-up model (call inside the event loop: the batcher starts a task)."""
+    def add(self, model: ServedModel, processes: ProcessInstances | None = None) -> None:
+        """Serve a loaded, warmed-up model (call inside the event loop: the batcher starts a task); with
+        `processes` its batches run in those model processes, the executor threads only wait for them."""
         s = self.settings
         pool = ThreadPoolExecutor(s.instances, thread_name_prefix=f"mmkd-ort-{model.name}")
-        inline = model.single_run_s * 1000.0 <= s.inline_compute_ms
-        in_batch = s.preprocess_in == "batch" or (s.preprocess_in == "auto" and model.preprocess_in_batch())
+        run_batch = model.run_batch if processes is None else _lone_local(model, processes)
+        inline = model.single_run_s * 1000.0 <= s.inline_compute_ms  # a batch of one runs on the server's copy
+        if processes is not None:
+            self._processes.append(processes)
+        in_batch = schedule(s, model).preprocess_in_batch
         self._in_batch[model.name] = in_batch
         log.info("model_scheduling", extra=fields(
-            model=model.name, preprocess_in="batch" if in_batch else "loop", inline_compute=inline,
+            model=model.name, instance_kind="process" if processes else "thread",
+            preprocess_in="batch" if in_batch else "loop", inline_compute=inline,
             sample_compute_ms=round(model.sample_compute_s * 1000, 4),
             sample_preprocess_ms=round(model.sample_preprocess_s * 1000, 4),
             single_run_ms=round(model.single_run_s * 1000, 4)))
         self._compute[model.name] = pool
         self._batchers[model.name] = DynamicBatcher(
-            model.run_batch, executor=pool, max_batch_size=s.max_batch_size,
+            run_batch, executor=pool, max_batch_size=s.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1000.0, max_queue_size=s.max_queue_size,
             instances=s.instances, eager_when_idle=s.eager_dispatch, inline_when_idle=inline,
             observer=self.metrics.observer(model.name))
@@ -133,7 +140,8 @@ class Engine:
     def track(self, model: str, api: str) -> Iterator[None]:
         """Count one request in flight, then by outcome code; the caller maps exceptions to statuses."""
         m = self.metrics
-        m.inflight.labels(model).inc()
+        inflight = m.inflight_of(model)
+        inflight.inc()
         start = time.monotonic()
         code = "OK"
         try:
@@ -145,9 +153,9 @@ class Engine:
             code = status_for(exc)[0].name
             raise
         finally:
-            m.inflight.labels(model).dec()
-            m.requests.labels(model, api, code).inc()
-            m.request_seconds.labels(model, api).observe(time.monotonic() - start)
+            inflight.dec()
+            m.requests_of(model, api, code).inc()
+            m.request_seconds_of(model, api).observe(time.monotonic() - start)
 
     async def close(self) -> None:
         """Refuse new requests, finish everything queued or running, then stop the thread pools."""
@@ -157,6 +165,39 @@ class Engine:
         loop = asyncio.get_running_loop()
         for pool in (*self._compute.values(), self._preprocess):
             await loop.run_in_executor(None, pool.shutdown)
+        for processes in self._processes:
+            await loop.run_in_executor(None, processes.close)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where one model's small requests are prepared and where its batches run."""
+
+    preprocess_in_batch: bool  # by whatever runs the batch, not on the event loop
+    in_process: bool  # in model processes, not in a thread of the server
+
+
+def schedule(s: ServerSettings, model: ServedModel) -> Schedule:
+    """Resolve `--preprocess-in` and `--instance-kind` for a warmed-up model.
+
+    `auto` moves a model into processes exactly when its requests are best prepared with their batch (preparing
+    costs more than computing): then the batch's preparation, run in a thread, holds the interpreter lock that
+    the event loop needs, and a process of its own frees it (student: 2,118 vs 1,775 req/s at concurrency 32,
+    server/README.md). A compute-bound model gains nothing there and would pay the pipe; with batching off
+    (`--max-batch-size 1`) every batch is a batch of one, which runs on the server's own copy anyway."""
+    in_batch = s.preprocess_in == "batch" or (s.preprocess_in == "auto" and model.preprocess_in_batch())
+    if s.instance_kind == "process":
+        return Schedule(s.preprocess_in != "loop", True)  # a model process prepares on its own interpreter
+    return Schedule(in_batch, s.instance_kind == "auto" and in_batch and s.max_batch_size > 1)
+
+
+def _lone_local(model: ServedModel, processes: ProcessInstances) -> Callable[[Sequence[Prepared | Raw]], list]:
+    """Batches for the model processes, except a batch of one: the server's own copy of the model runs it in
+    the executor thread. A lone request means the server is lightly loaded, where the interpreter lock is not
+    contended and the pipe round trip (about 0.25 ms here) would be pure latency."""
+    def run_batch(items: Sequence[Prepared | Raw]) -> list:
+        return model.run_batch(items) if len(items) == 1 else processes.run_batch(items)
+    return run_batch
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -275,3 +275,6 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return len(self._models)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models

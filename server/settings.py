@@ -42,6 +42,7 @@ class ServerSettings:
     eager_dispatch: bool = True  # a request that finds the model idle runs at once instead of waiting the delay
     max_queue_size: int = 256  # queued requests per model before RESOURCE_EXHAUSTED
     instances: int = 1  # batches of one model that may run at once
+    instance_kind: str = "auto"  # where a model instance runs: auto | thread (of the server) | process (its own)
     max_concurrent_rpcs: int = 0  # RPCs in the server at once before gRPC refuses (RESOURCE_EXHAUSTED); 0: derived
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
@@ -170,6 +171,8 @@ def _value_problems(s: ServerSettings) -> list[str]:
         problems.append(f"device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     if (s.tls_cert is None) != (s.tls_key is None):
         problems.append("tls_cert and tls_key go together: give both or neither")
+    if s.instance_kind not in ("auto", "thread", "process"):
+        problems.append(f"instance_kind must be 'auto', 'thread' or 'process', got {s.instance_kind!r}")
     if s.preprocess_in not in ("auto", "loop", "batch"):
         problems.append(f"preprocess_in must be 'auto', 'loop' or 'batch', got {s.preprocess_in!r}")
     if s.log_format not in ("json", "text"):

@@ -64,12 +64,13 @@ def test_thread_pool_preprocessing_gives_the_same_answers_as_inline(repo):
                                        reference_probs(repo / "tiny", make_image(seed), text), atol=1e-5)
 
 
-@pytest.mark.parametrize("place", ["batch", "loop"])
-def test_malformed_request_in_a_batch_fails_alone_wherever_requests_are_prepared(repo, place):
-    # --preprocess-in batch: the compute thread prepares a batch's requests and a malformed one is only found
-    # there; it must fail alone with its own INVALID_ARGUMENT while the rest of its batch is answered.
-    settings = settings_for(repo, preprocess_in=place, max_batch_size=16, max_queue_delay_ms=300,
-                            eager_dispatch=False)
+@pytest.mark.parametrize("place, kind", [("batch", "thread"), ("loop", "thread"), ("batch", "process")])
+def test_malformed_request_in_a_batch_fails_alone_wherever_requests_are_prepared(repo, place, kind):
+    # --preprocess-in batch: the compute thread (or the model process, whose InputError crosses the pipe)
+    # prepares a batch's requests and a malformed one is only found there; it must fail alone with its own
+    # INVALID_ARGUMENT while the rest of its batch is answered.
+    settings = settings_for(repo, preprocess_in=place, instance_kind=kind, max_batch_size=16,
+                            max_queue_delay_ms=300, eager_dispatch=False)
     with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
         client = pb_grpc.InferenceStub(ch)
         bad = pb.ClassifyRequest(model="tiny", image=b"\x89PNG\r\n\x1a\n garbage", text="what")

@@ -16,7 +16,7 @@ from server.settings import ServerSettings
 def test_defaults_and_frozen():
     s = ServerSettings(model_repository=Path("m"))
     assert (s.host, s.port, s.device, s.max_batch_size, s.metrics_port) == ("127.0.0.1", 50051, "auto", 16, None)
-    assert s.limits.max_text_chars == 1024
+    assert s.limits.max_text_chars == 1024 and s.instance_kind == "auto"
     # ORT leaves the event loop a core and does not spin on it (measured in server/README.md)
     assert s.intra_op_spinning is False and s.ort_threads == max(1, (os.cpu_count() or 2) - 1)
     assert ServerSettings(model_repository=Path("m"), intra_op_threads=3).ort_threads == 3
@@ -27,9 +27,10 @@ def test_defaults_and_frozen():
 def test_all_value_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         ServerSettings(model_repository="m", port=70000, max_batch_size=0, device="gpu", tls_cert="c.pem",
-                       inline_compute_ms=-1, preprocess_in="gpu")
+                       inline_compute_ms=-1, preprocess_in="gpu", instance_kind="fork")
     message = str(err.value)
-    for needle in ("port", "max_batch_size", "device", "tls_cert and tls_key", "inline_compute_ms", "preprocess_in"):
+    for needle in ("port", "max_batch_size", "device", "tls_cert and tls_key", "inline_compute_ms", "preprocess_in",
+                   "instance_kind must be 'auto', 'thread' or 'process'"):
         assert needle in message
 
 
@@ -42,11 +43,11 @@ def test_environment_fills_in_and_flags_win():
     env = {"MMKD_MODEL_REPOSITORY": "/models", "MMKD_MAX_BATCH_SIZE": "8", "MMKD_MODELS": "a, b",
            "MMKD_MAX_QUEUE_DELAY_MS": "2.5", "MMKD_AUTH_HEALTH": "true", "MMKD_INTRA_OP_SPINNING": "true",
            "MMKD_UNRELATED": "x", "PATH": "/bin"}
-    args = vars(build_parser().parse_args(["--max-batch-size", "32", "--port", "0"]))
+    args = vars(build_parser().parse_args(["--max-batch-size", "32", "--port", "0", "--instance-kind", "thread"]))
     s = ServerSettings.from_sources(args, env)
     assert s.model_repository == Path("/models") and s.models == ("a", "b")
     assert s.max_batch_size == 32 and s.port == 0 and s.max_queue_delay_ms == 2.5 and s.auth_health is True
-    assert s.intra_op_spinning is True
+    assert s.intra_op_spinning is True and s.instance_kind == "thread"
 
 
 def test_bad_environment_value_names_the_variable():
