@@ -72,7 +72,10 @@ class ModelProcess:
         next one, so a crash in native code costs one batch, not the model."""
         with self._lock:
             if self._conn is None:
-                self._start()
+                try:
+                    self._start()
+                except ModelLoadError as exc:
+                    raise BatchError(f"{exc}; the batch failed and the next one tries again") from exc
             assert self._conn is not None
             try:
                 self._conn.send(list(items))

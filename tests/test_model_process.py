@@ -154,3 +154,24 @@ def test_model_processes_exit_when_the_server_is_killed(repo):
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids), "a model process outlived its killed server"
+
+
+def test_a_model_process_that_cannot_restart_fails_its_batches_with_the_reason(tmp_path):
+    # The bundle broke on disk after the server loaded it, then the model process died: every batch for it
+    # fails with INTERNAL naming why the process could not load, instead of hanging or crashing the server.
+    repo = build_repository(tmp_path / "repo", ("tiny",))
+    settings = settings_for(repo, instance_kind="process", max_batch_size=16, max_queue_delay_ms=100,
+                            eager_dispatch=False)
+    with ServerThread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        (process,) = _processes(srv)
+        (repo / "tiny" / "model.onnx").write_bytes(b"not an onnx graph")
+        os.kill(process.pid, signal.SIGKILL)
+        for _ in range(2):  # the batch that meets the dead process, then one that needs a new one
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(classify, stub, seed=i) for i in range(4)]
+                errors = [f.exception() for f in futures]
+            failed = [e for e in errors if e is not None]
+            assert failed and all(e.code() == grpc.StatusCode.INTERNAL for e in failed)
+        assert any("failed to load" in e.details() and "model.onnx" in e.details() for e in failed), \
+            [e.details() for e in failed]
