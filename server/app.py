@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -81,6 +82,8 @@ class InferenceServer:
         models = await asyncio.get_running_loop().run_in_executor(None, self._load_models)
         for model, processes in models:
             self.engine.add(model, processes)
+            for process in processes.processes if processes else ():
+                process.on_health = self._health_reporter(model.name)
             self.metrics.model_ready.labels(model.name).set(1)
             await self._set_health(model.name, SERVING)
         self.engine.loading = False
@@ -150,6 +153,19 @@ class InferenceServer:
         log.info("model_processes", extra=fields(model=model.name, pids=[p.pid for p in processes.processes],
                                                  start_s=round(time.monotonic() - start, 3)))
         return processes
+
+    def _health_reporter(self, model: str) -> Callable[[bool], None]:
+        """For a model process (called from an executor thread): a model whose process cannot start again is
+        NOT_SERVING under its own name and in `mmkd_model_ready` until one does."""
+        loop = asyncio.get_running_loop()
+
+        def report(healthy: bool) -> None:
+            log.log(logging.INFO if healthy else logging.ERROR, "model_health",
+                    extra=fields(model=model, serving=healthy))
+            self.metrics.model_ready.labels(model).set(1 if healthy else 0)
+            if not self.engine.closing:
+                asyncio.run_coroutine_threadsafe(self._set_health(model, SERVING if healthy else NOT_SERVING), loop)
+        return report
 
     async def _set_health(self, service: str, status: int) -> None:
         await self.health.set(service, status)

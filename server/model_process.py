@@ -16,7 +16,7 @@ import queue
 import signal
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -42,6 +42,8 @@ class ModelProcess:
         self._lock = threading.Lock()  # one batch at a time per process
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self.on_health: Callable[[bool], None] | None = None  # told False when a restart fails, True when one works
+        self._failed = False
         self._start()
 
     def _start(self) -> None:
@@ -75,7 +77,9 @@ class ModelProcess:
                 try:
                     self._start()
                 except ModelLoadError as exc:
+                    self._report(False)
                     raise BatchError(f"{exc}; the batch failed and the next one tries again") from exc
+                self._report(True)
             assert self._conn is not None
             try:
                 self._conn.send(list(items))
@@ -87,6 +91,13 @@ class ModelProcess:
         if status != "ok":
             raise BatchError(f"model {self.name}: model process error: {payload}")
         return payload
+
+    def _report(self, healthy: bool) -> None:
+        if healthy == (not self._failed):
+            return  # no change: a working process started again after a crash is not news
+        self._failed = not healthy
+        if self.on_health is not None:
+            self.on_health(healthy)
 
     def _reap(self) -> int | None:
         process, self._process, self._conn = self._process, None, None

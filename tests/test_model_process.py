@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import numpy as np
 import pytest
 
@@ -156,9 +157,10 @@ def test_model_processes_exit_when_the_server_is_killed(repo):
     assert not any(_alive(pid) for pid in pids), "a model process outlived its killed server"
 
 
-def test_a_model_process_that_cannot_restart_fails_its_batches_with_the_reason(tmp_path):
+def test_a_model_process_that_cannot_restart_fails_its_batches_and_its_health_until_it_can(tmp_path):
     # The bundle broke on disk after the server loaded it, then the model process died: every batch for it
-    # fails with INTERNAL naming why the process could not load, instead of hanging or crashing the server.
+    # fails with INTERNAL naming why the process could not load, instead of hanging or crashing the server, and
+    # the model reports NOT_SERVING until a process starts again.
     repo = build_repository(tmp_path / "repo", ("tiny",))
     settings = settings_for(repo, instance_kind="process", max_batch_size=16, max_queue_delay_ms=100,
                             eager_dispatch=False)
@@ -175,3 +177,14 @@ def test_a_model_process_that_cannot_restart_fails_its_batches_with_the_reason(t
             assert failed and all(e.code() == grpc.StatusCode.INTERNAL for e in failed)
         assert any("failed to load" in e.details() and "model.onnx" in e.details() for e in failed), \
             [e.details() for e in failed]
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="tiny"), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert srv.metric("mmkd_model_ready", {"model": "tiny"}) == 0.0
+        build_repository(tmp_path / "fixed", ("tiny",))  # the bundle is repaired: the next batch starts a process
+        (repo / "tiny" / "model.onnx").write_bytes((tmp_path / "fixed" / "tiny" / "model.onnx").read_bytes())
+        answers = _concurrent(stub, 8)
+        assert health.Check(health_pb2.HealthCheckRequest(service="tiny"), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert srv.metric("mmkd_model_ready", {"model": "tiny"}) == 1.0
+    assert max(a.timings.batch_size for a in answers) > 1
