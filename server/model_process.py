@@ -5,7 +5,8 @@ under one interpreter lock, so it keeps about one core busy however many the hos
 compute thread slows the event loop that admits and answers requests, and the other way round. A model process
 prepares and computes whole batches on its own interpreter, as Triton's Python backend runs each model instance
 in a stub process and TorchServe runs its handlers in worker processes. The price is a pipe round trip per batch
-(the batch's encoded images go one way, its logits the other), which a lone request pays in full.
+(the batch's encoded images go one way, its logits the other) and a second copy of the model in memory; a lone
+request would pay the round trip in full, so the engine runs batches of one on the server's own copy.
 """
 
 from __future__ import annotations
