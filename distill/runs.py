@@ -238,8 +238,15 @@ def save_train_state(model_dir: Path, step_module: nn.Module, optimizer: torch.o
     tensors.update({f"optim.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)})
     meta = json.dumps({**state, "param_groups": opt["param_groups"]}, sort_keys=True)
     atomic_write_bytes(model_dir / "resume.safetensors", checkpoint_bytes(tensors, {"state": meta}))
-    save_tensors(model_dir / "last.safetensors", step_module.model.state_dict())
-    atomic_write_json(model_dir / "last.state.json", dict(state))
+    write_last_copies(model_dir, step_module.model, state)
+
+
+def write_last_copies(model_dir: Path, model: nn.Module, state: Mapping[str, Any]) -> None:
+    """``last.safetensors`` and ``last.state.json`` from the snapshot in ``resume.safetensors``. A resume calls
+    it too: a kill between the snapshot and these copies leaves them one checkpoint behind, and a phase whose
+    snapshot is already final has no step left that would write them again."""
+    save_tensors(Path(model_dir) / "last.safetensors", model.state_dict())
+    atomic_write_json(Path(model_dir) / "last.state.json", dict(state))
 
 
 def load_train_state(model_dir: Path, step_module: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:

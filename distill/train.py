@@ -33,7 +33,7 @@ from distill.losses import WeightedLoss, output_dims
 from distill.models import create_model
 from distill.models.common import MultimodalOutput
 from distill.runs import (atomic_write_json, ensure_embedded, load_data, load_model_dir, load_train_state, read_json,
-                          save_train_state, save_tensors, unwrap, write_model_card)
+                          save_train_state, save_tensors, unwrap, write_last_copies, write_model_card)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -251,6 +251,8 @@ def train_phase(which: str, phase: PhaseConfig, weights: Mapping[str, float], bu
     state: Dict[str, Any] = {"step": 0, "best_val_acc": -1.0, "history": [], "done": False}
     if resume and (model_dir / "resume.safetensors").is_file():
         state = load_train_state(model_dir, step_module, opt)
+        if dist.rank == 0:
+            write_last_copies(model_dir, model, state)
     if dist.rank == 0:
         write_model_card(model_dir, model_name=name, model_kwargs=kwargs, labels=bundle.labels,
                          preprocess=bundle.spec.to_dict(), tokenizer_src=bundle.tokenizer_path,

@@ -289,3 +289,23 @@ def test_training_killed_at_random_points_always_resumes(tmp_path):
     model, info = load_model(run, "student")
     assert info["labels"] and sum(p.numel() for p in model.parameters()) > 0
     assert kills, "no trial was killed: the sleeps are longer than a tiny training run"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_kill_between_the_snapshot_and_its_copies_is_repaired_by_resume(tmp_path):
+    """The window the random kills above hit now and then: resume.safetensors already holds the final step, but
+    last.state.json (and last.safetensors) are still one checkpoint behind. --resume has no step left to train,
+    so it must bring the copies up to date itself, or the run never says it is done."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distill.cli", "train", "--config", "tiny", "--out", str(run), "--no-progress"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    final = _state(run, "teacher")
+    assert final.get("done")
+    stale = {**final, "step": final["step"] - 4, "done": False}  # what a kill inside save_train_state leaves
+    (run / "teacher" / "last.state.json").write_text(json.dumps(stale))
+    (run / "teacher" / "last.safetensors").write_bytes(b"")
+    subprocess.run(cmd + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+    assert _state(run, "teacher") == final
+    assert set(load_tensors(run / "teacher" / "last.safetensors")) == set(load_tensors(run / "teacher" /
+                                                                                       "best.safetensors"))
