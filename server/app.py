@@ -84,6 +84,7 @@ class InferenceServer:
             self.engine.add(model, processes)
             for process in processes.processes if processes else ():
                 process.on_health = self._health_reporter(model.name)
+                process.on_death = lambda _code, name=model.name: self.metrics.model_process_deaths.labels(name).inc()
             self.metrics.model_ready.labels(model.name).set(1)
             await self._set_health(model.name, SERVING)
         self.engine.loading = False

@@ -10,6 +10,7 @@
     mmkd_dropped_total{model,reason}               queue_full | expired | cancelled (never computed)
     mmkd_model_info{model,version,variant,provider} 1 per served model: the provider really in use
     mmkd_model_ready{model}                        1 once warmed up, 0 while loading or draining
+    mmkd_model_process_deaths_total{model}         model processes that died while serving (each restarts)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ServerMetrics:
                                 ["model", "version", "variant", "provider"], registry=r)
         self.model_ready = Gauge("mmkd_model_ready", "1 when the model is warmed up and serving", ["model"],
                                  registry=r)
+        self.model_process_deaths = Counter("mmkd_model_process_deaths", "Model processes that died while serving",
+                                            ["model"], registry=r)
         self._http = None
         self._children: dict[tuple, object] = {}
 

@@ -44,6 +44,7 @@ class ModelProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self.on_health: Callable[[bool], None] | None = None  # told False when a restart fails, True when one works
+        self.on_death: Callable[[int | None], None] | None = None  # told the exit code of a process that died
         self._failed = False
         self._start()
 
@@ -109,6 +110,8 @@ class ModelProcess:
             process.kill()
             process.join(5)
         log.error("model_process_died", extra={"fields": {"model": self.name, "exit_code": process.exitcode}})
+        if self.on_death is not None:
+            self.on_death(process.exitcode)
         return process.exitcode
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -93,6 +93,7 @@ def test_a_killed_model_process_fails_one_batch_then_comes_back(repo):
         assert all(e.code() == grpc.StatusCode.INTERNAL and "died" in e.details() for e in failed)
         answers = _concurrent(stub, 8)  # the next batches go to a new process
         assert process.pid not in (None, old_pid) and _alive(process.pid)
+        assert srv.metric("mmkd_model_process_deaths_total", {"model": "tiny"}) == 1.0
     assert max(a.timings.batch_size for a in answers) > 1
     np.testing.assert_allclose(answers[0].probabilities,
                                reference_probs(repo / "tiny", make_image(0), QUESTIONS[0]), atol=1e-5)
