@@ -119,8 +119,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _run_all(self, model: ServedModel, images: list[bytes], texts: list[str], deadline: float | None):
         if len(images) == 1:  # the common case: no task and gather to wait on (two event-loop turns fewer)
             return [await self.engine.infer(model, images[0], texts[0], deadline=deadline)]
-        tasks = [asyncio.ensure_future(self.engine.infer(model, img, txt, deadline=deadline,
-                                                         index=i if len(images) > 1 else None))
+        tasks = [asyncio.ensure_future(self.engine.infer(model, img, txt, deadline=deadline, index=i))
                  for i, (img, txt) in enumerate(zip(images, texts))]
         try:
             return await asyncio.gather(*tasks)

@@ -140,8 +140,7 @@ class Engine:
     def track(self, model: str, api: str) -> Iterator[None]:
         """Count one request in flight, then by outcome code; the caller maps exceptions to statuses."""
         m = self.metrics
-        inflight = m.inflight_of(model)
-        inflight.inc()
+        m.inflight.labels(model).inc()
         start = time.monotonic()
         code = "OK"
         try:
@@ -153,9 +152,9 @@ class Engine:
             code = status_for(exc)[0].name
             raise
         finally:
-            inflight.dec()
-            m.requests_of(model, api, code).inc()
-            m.request_seconds_of(model, api).observe(time.monotonic() - start)
+            m.inflight.labels(model).dec()
+            m.requests.labels(model, api, code).inc()
+            m.request_seconds.labels(model, api).observe(time.monotonic() - start)
 
     async def close(self) -> None:
         """Refuse new requests, finish everything queued or running, then stop the thread pools."""

@@ -49,25 +49,6 @@ class ServerMetrics:
         self.model_process_deaths = Counter("mmkd_model_process_deaths", "Model processes that died while serving",
                                             ["model"], registry=r)
         self._http = None
-        self._children: dict[tuple, object] = {}
-
-    # Labelled children, cached: `labels()` takes a lock and builds a key on every call, and these three are
-    # called for every request on the event loop.
-    def inflight_of(self, model: str) -> Gauge:
-        return self._child(self.inflight, model)
-
-    def requests_of(self, model: str, api: str, code: str) -> Counter:
-        return self._child(self.requests, model, api, code)
-
-    def request_seconds_of(self, model: str, api: str) -> Histogram:
-        return self._child(self.request_seconds, model, api)
-
-    def _child(self, family, *labels: str):
-        key = (id(family), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = family.labels(*labels)
-        return child
 
     def observer(self, model: str) -> "ModelObserver":
         return ModelObserver(self, model)
