@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import json
 
-from benchmarks.report import acceptance, batching_gain, cpu_bound, render_markdown, time_budget, write_report
+from benchmarks.report import (acceptance, batching_gain, cpu_bound, lone_request, render_markdown, time_budget,
+                               write_report)
 
 
 def _lat(model, runtime, batch, p50, variant="fp32"):
@@ -90,6 +91,21 @@ def test_cpu_bound_adds_the_echo_cost_to_in_process_compute():
     goal = next(g for g in acceptance(_with_cpu(RESULTS)) if g["goal"].startswith("teacher"))
     assert "this machine allows at most 92.6%" in goal["measured"]  # 296.3 / 320
     assert cpu_bound(RESULTS) == []  # no CPU readings: no bound claimed
+
+
+def test_lone_request_splits_latency_into_echo_engine_and_the_rest():
+    results = copy.deepcopy(RESULTS)
+    results["serving"][0]["mean_ms"] = 0.6  # echo at concurrency 1
+    results["serving"][2].update(mean_ms=1.6, server_total_ms=0.7, server_preprocess_ms=0.2, server_queue_ms=0.05,
+                                 server_compute_ms=0.15)
+    (row,) = lone_request(results)
+    assert row["model"] == "student" and row["echo_ms"] == 0.6 and row["engine_ms"] == 0.7
+    assert abs(row["handoff_ms"] - 0.3) < 1e-9  # engine 0.7 - preprocess 0.2 - queue 0.05 - compute 0.15
+    assert abs(row["outside_ms"] - 0.3) < 1e-9  # client mean 1.6 - echo 0.6 - engine 0.7
+    assert abs(row["floor_ms"] - (0.5 + 0.2 + 1.0)) < 1e-9  # echo p50 + preprocess + in-process batch 1 p50
+    goal = next(g for g in acceptance(results) if g["goal"].startswith("student p50"))
+    assert "alone take +0.700 ms" in goal["measured"]
+    assert lone_request(RESULTS)[0]["handoff_ms"] is None  # no server timings (KServe-like row): nothing derived
 
 
 def test_batching_gain_per_model():
