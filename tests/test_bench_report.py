@@ -91,6 +91,10 @@ def test_cpu_bound_adds_the_echo_cost_to_in_process_compute():
     goal = next(g for g in acceptance(_with_cpu(RESULTS)) if g["goal"].startswith("teacher"))
     assert "this machine allows at most 92.6%" in goal["measured"]  # 296.3 / 320
     assert cpu_bound(RESULTS) == []  # no CPU readings: no bound claimed
+    results = _with_cpu(RESULTS)
+    results["serving"][6]["server_preprocess_ms"] = 1.5  # the teacher's saturation row: preprocessing costs CPU too
+    teacher = next(b for b in cpu_bound(results) if b["model"] == "teacher")
+    assert abs(teacher["bound_rps"] - 1 / (1 / 320 + (0.0005 + 0.0015) / 2)) < 1e-9
 
 
 def test_lone_request_splits_latency_into_echo_engine_and_the_rest():
