@@ -32,7 +32,7 @@ from server.logs import fields
 from server.metrics import ServerMetrics
 from server.model import ServedModel, discover, load_model
 from server.model_process import ModelProcess, ProcessInstances
-from server.runtime import Device, parse_device
+from server.runtime import parse_device
 from server.settings import ServerSettings
 
 log = logging.getLogger("mmkd.server")
@@ -140,15 +140,15 @@ class InferenceServer:
                                                   path=str(model.bundle.path),
                                                   load_s=round(time.monotonic() - start, 3)))
             in_process = schedule(s, model).in_process
-            models.append((model, self._start_processes(model, device) if in_process else None))
+            models.append((model, self._start_processes(model) if in_process else None))
         return models
 
-    def _start_processes(self, model: ServedModel, device: Device) -> ProcessInstances:
-        """`--instances` model processes on the variant the server chose (its bundle folder)."""
+    def _start_processes(self, model: ServedModel) -> ProcessInstances:
+        """`--instances` model processes on the variant and the device the server's own copy got."""
         s = self.settings
         start = time.monotonic()
         processes = ProcessInstances([
-            ModelProcess(model.name, model.bundle.path, device, s.limits, intra_op_threads=s.ort_threads,
+            ModelProcess(model.name, model.bundle.path, model.runner.placed, s.limits, intra_op_threads=s.ort_threads,
                          spinning=s.intra_op_spinning, max_batch_size=s.max_batch_size, log_format=s.log_format)
             for _ in range(s.instances)])
         log.info("model_processes", extra=fields(model=model.name, pids=[p.pid for p in processes.processes],

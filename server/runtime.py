@@ -103,6 +103,13 @@ class OrtRunner:
     def on_gpu(self) -> bool:
         return self.provider == CUDA
 
+    @property
+    def placed(self) -> Device:
+        """The device this session really got. A copy of the model elsewhere (a model process) is pinned to it:
+        under `--device auto` the copy could otherwise fall back to CPU alone, say when the GPU is out of memory,
+        and serve some batches orders of magnitude slower without a word; pinned, it fails to start instead."""
+        return Device("cuda", self.device_id) if self.on_gpu else Device("cpu")
+
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one batch; inputs are cast to the graph's declared types (an fp16 graph may take fp16 pixels).
 

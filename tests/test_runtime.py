@@ -94,6 +94,7 @@ def test_runner_fetches_only_the_outputs_asked_for(tmp_path):
 def test_auto_falls_back_to_cpu_and_reports_what_the_session_really_got(bundle_dir):
     runner = OrtRunner(bundle_dir / "model.onnx", Device("auto"))
     assert runner.provider == CPU and runner.device_id == -1
+    assert runner.placed == Device("cpu")  # what a model process is pinned to: never "auto" again
 
 
 @pytest.mark.skipif(cuda_really_works(), reason="this machine has a working CUDA provider")
@@ -135,7 +136,7 @@ def test_tampered_bundle_is_refused_with_a_message(tmp_path, bundle_dir):
 def test_cuda_provider_with_iobinding_matches_cpu(bundle_dir):
     gpu = OrtRunner(bundle_dir / "model.onnx", Device("cuda", 0))
     cpu = OrtRunner(bundle_dir / "model.onnx", Device("cpu"))
-    assert gpu.provider == CUDA and gpu.device_id == 0 and gpu.on_gpu
+    assert gpu.provider == CUDA and gpu.device_id == 0 and gpu.on_gpu and gpu.placed == Device("cuda", 0)
     rng = np.random.default_rng(0)
     feeds = {"pixel_values": rng.standard_normal((8, 3, 16, 16)).astype(np.float32),
              "input_ids": rng.integers(2, 10, (8, 6)).astype(np.int64), "attention_mask": np.ones((8, 6), np.int64)}
