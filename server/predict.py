@@ -130,16 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_token(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"token file {path} is empty; put the bearer token on its first line")
+    return lines[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.requests:
-        requests = read_requests(args.requests)
-    elif args.image and args.text is not None:
-        requests = [{"id": "0", "text": args.text, "image_bytes": args.image.read_bytes()}]
-    else:
+    if not args.requests and not (args.image and args.text is not None):
         print("mmkd-predict: give --image and --text, or --requests FILE.jsonl", file=sys.stderr)
         return 2
-    token = args.token_file.read_text().splitlines()[0].strip() if args.token_file else None
+    try:  # the caller's own files and addresses: a message, not a traceback
+        if args.requests:
+            requests = read_requests(args.requests)
+        else:
+            requests = [{"id": "0", "text": args.text, "image_bytes": args.image.read_bytes()}]
+        token = read_token(args.token_file) if args.token_file else None
+        if args.tls_ca is not None:
+            args.tls_ca.read_bytes()
+        channel_target(args.server)
+    except (OSError, ValueError) as exc:
+        print(f"mmkd-predict: {exc}", file=sys.stderr)
+        return 2
     results = asyncio.run(classify_many(args.server, args.model, requests, top_k=args.top_k,
                                         concurrency=args.concurrency, timeout=args.timeout, token=token,
                                         tls_ca=args.tls_ca))

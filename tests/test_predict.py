@@ -61,3 +61,18 @@ def test_requests_file_round_robins_over_two_servers(two_servers, tmp_path, caps
 def test_no_input_is_a_usage_error(capsys):
     assert main(["--model", "tiny"]) == 2
     assert "--requests" in capsys.readouterr().err
+
+
+def test_the_callers_own_mistakes_are_messages_not_tracebacks(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    image.write_bytes(make_image())
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    cases = [(["--image", str(tmp_path / "missing.png"), "--text", "q"], "missing.png"),
+             (["--image", str(image), "--text", "q", "--token-file", str(empty)], "token file"),
+             (["--image", str(image), "--text", "q", "--tls-ca", str(tmp_path / "ca.pem")], "ca.pem"),
+             (["--image", str(image), "--text", "q", "--server", "nohostport,10.0.0.1:1"], "not HOST:PORT")]
+    for args, named in cases:
+        assert main(["--model", "tiny", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("mmkd-predict: ") and named in err, err
