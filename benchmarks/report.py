@@ -173,7 +173,8 @@ def cpu_bound(results: dict) -> list[dict]:
         preprocess_s = ref["preprocess_ms"] / 1000.0 if _finite(ref.get("preprocess_ms")) else 0.0
         bound = 1.0 / (1.0 / ceiling + (echo_cpu_s + preprocess_s) / cores)
         out.append({"model": ref["model"], "ceiling_rps": ceiling, "echo_cpu_ms": echo_cpu_s * 1000.0,
-                    "preprocess_ms": preprocess_s * 1000.0, "cores": cores, "bound_rps": bound, "bound_of_ceiling": bound / ceiling,
+                    "preprocess_ms": preprocess_s * 1000.0, "cores": cores, "bound_rps": bound,
+                    "bound_of_ceiling": bound / ceiling,
                     "bound_of_echo": ratio(bound, ref.get("echo_rps")), "server_rps": ref["server_rps"],
                     "server_of_bound": ratio(ref["server_rps"], bound)})
     return out
@@ -355,7 +356,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         ("What this machine allows (echo's CPU per request + preprocessing + in-process compute)",
          cpu_bound(results),
          [("model", "model"), ("ceiling_rps", "ceiling samples/s"), ("echo_cpu_ms", "echo CPU ms/req"),
-          ("preprocess_ms", "preprocess ms/req"), ("cores", "cores"), ("bound_rps", "bound req/s"), ("bound_of_ceiling", "bound of ceiling"),
+          ("preprocess_ms", "preprocess ms/req"), ("cores", "cores"), ("bound_rps", "bound req/s"),
+          ("bound_of_ceiling", "bound of ceiling"),
           ("bound_of_echo", "bound of echo"), ("server_rps", "server req/s"), ("server_of_bound", "server of bound")]),
         ("Where a lone request's time goes (concurrency 1; milliseconds, means except the p50 columns)",
          lone_request(results),
