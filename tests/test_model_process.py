@@ -26,8 +26,8 @@ from server.errors import ModelLoadError
 from server.model import Raw
 from server.model_process import ModelProcess
 from server.runtime import Device
-from test_server import classify, reference_probs
-from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, settings_for
+from test_server import classify
+from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, reference_probs, settings_for
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
-from export.bundle import TextEncoder, load_bundle, preprocess_images
 from server._proto.mmkd.v1 import inference_pb2 as pb
 from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
-from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, settings_for
+from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, reference_probs, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +35,6 @@ def server(repo):
 def stub(server):
     with grpc.insecure_channel(server.address) as channel:
         yield pb_grpc.InferenceStub(channel)
-
-
-def reference_probs(bundle_dir, image: bytes, text: str) -> np.ndarray:
-    """The same request computed in-process, straight on ONNX Runtime with the bundle's preprocessing."""
-    bundle = load_bundle(bundle_dir)
-    pixels = preprocess_images([image], bundle.spec.preprocess)
-    ids, mask = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess).encode([text])
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    logits = session.run(["logits"], {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})[0][0]
-    e = np.exp(logits.astype(np.float64) - logits.max())
-    return e / e.sum()
 
 
 def classify(stub, model="tiny", seed=0, text=QUESTIONS[0], **kw):

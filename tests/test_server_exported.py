@@ -8,10 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from export.bundle import TextEncoder, load_bundle, preprocess_images
 from server._proto.mmkd.v1 import inference_pb2 as pb
 from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
-from tiny_bundle import ServerThread, settings_for
+from tiny_bundle import ServerThread, reference_probs, settings_for
 
 h = pytest.importorskip("export_helpers")
 api = pytest.importorskip("export.api")
@@ -29,18 +28,6 @@ def repo(tmp_path_factory):
     return root
 
 
-def reference(bundle_dir, image: bytes, text: str) -> np.ndarray:
-    import onnxruntime as ort
-
-    bundle = load_bundle(bundle_dir)
-    pixels = preprocess_images([image], bundle.spec.preprocess)
-    ids, mask = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess).encode([text])
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    logits = session.run(["logits"], {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})[0][0]
-    e = np.exp(logits.astype(np.float64) - logits.max())
-    return e / e.sum()
-
-
 @pytest.mark.slow
 def test_exported_variants_are_served_and_answer_like_in_process_ort(repo):
     samples = h.make_samples(6, seed=5)
@@ -53,4 +40,5 @@ def test_exported_variants_are_served_and_answer_like_in_process_ort(repo):
         for sample in samples:
             for name, folder in (("vqa", repo / "vqa" / "fp32"), ("vqa-int8", repo / "vqa-int8")):
                 got = stub.Classify(pb.ClassifyRequest(model=name, image=sample.image, text=sample.text), timeout=10)
-                np.testing.assert_allclose(got.probabilities, reference(folder, sample.image, sample.text), atol=1e-5)
+                expected = reference_probs(folder, sample.image, sample.text)
+                np.testing.assert_allclose(got.probabilities, expected, atol=1e-5)

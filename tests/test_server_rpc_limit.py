@@ -14,14 +14,12 @@ import time
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from export.bundle import TextEncoder, load_bundle, preprocess_images
 from server._proto.mmkd.v1 import inference_pb2 as pb
 from server._proto.mmkd.v1 import inference_pb2_grpc as pb_grpc
-from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, settings_for
+from tiny_bundle import QUESTIONS, ServerThread, build_repository, make_image, reference_probs, settings_for
 
 LIMIT = 4  # RPCs: UNARY held unary calls + one stream
 UNARY = LIMIT - 1
@@ -39,17 +37,6 @@ def repo(tmp_path_factory):
 def request(i: int) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(model="tiny", image=make_image(i), text=QUESTIONS[i % len(QUESTIONS)],
                               request_id=str(i))
-
-
-def reference_probs(bundle_dir, req: pb.ClassifyRequest) -> np.ndarray:
-    """The request computed in-process on ONNX Runtime with the bundle's own preprocessing."""
-    bundle = load_bundle(bundle_dir)
-    pixels = preprocess_images([req.image], bundle.spec.preprocess)
-    ids, mask = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess).encode([req.text])
-    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    logits = session.run(["logits"], {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})[0][0]
-    e = np.exp(logits.astype(np.float64) - logits.max())
-    return e / e.sum()
 
 
 async def _outcome(call) -> tuple[str, str, float]:
@@ -128,7 +115,8 @@ def test_rpcs_past_the_limit_are_refused_at_once_and_admitted_ones_are_answered(
         assert sorted(answers, key=int) == [str(base + i) for i in range(BATCH)]
         for rid, response in answers.items():
             assert response.timings.batch_size == BATCH
-            np.testing.assert_allclose(response.probabilities, reference_probs(repo / "tiny", request(int(rid))),
+            sent = request(int(rid))
+            np.testing.assert_allclose(response.probabilities, reference_probs(repo / "tiny", sent.image, sent.text),
                                        atol=1e-5)
     assert health_after.status == health_pb2.HealthCheckResponse.SERVING  # slots come back once RPCs finish
     # the refusals came from gRPC before any handler ran: the engine saw only the admitted requests

@@ -178,3 +178,19 @@ def settings_for(repo: Path, **overrides):
     values = dict(model_repository=repo, port=0, device="cpu", log_format="text")
     values.update(overrides)
     return ServerSettings(**values)
+
+
+def reference_probs(bundle_dir: Path, image: bytes, text: str) -> np.ndarray:
+    """The request computed in-process, straight on ONNX Runtime with the bundle's own preprocessing: what every
+    served answer must equal."""
+    import onnxruntime as ort
+
+    from export.bundle import TextEncoder, load_bundle, preprocess_images
+
+    bundle = load_bundle(bundle_dir)
+    pixels = preprocess_images([image], bundle.spec.preprocess)
+    ids, mask = TextEncoder(bundle.tokenizer_path, bundle.spec.preprocess).encode([text])
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"pixel_values": pixels, "input_ids": ids, "attention_mask": mask})[0][0]
+    e = np.exp(logits.astype(np.float64) - logits.max())
+    return e / e.sum()
