@@ -66,7 +66,7 @@ class Engine:
         s = self.settings
         pool = ThreadPoolExecutor(s.instances, thread_name_prefix=f"mmkd-ort-{model.name}")
         run_batch = model.run_batch if processes is None else _lone_local(model, processes)
-        inline = model.single_run_s * 1000.0 <= s.inline_compute_ms  # a batch of one runs on the server's copy
+        inline = model.single_run_s * 1000.0 <= s.inline_compute_ms  # a lone request may run on the event loop
         if processes is not None:
             self._processes.append(processes)
         in_batch = schedule(s, model).preprocess_in_batch

@@ -142,21 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.requests and not (args.image and args.text is not None):
         print("mmkd-predict: give --image and --text, or --requests FILE.jsonl", file=sys.stderr)
         return 2
-    try:  # the caller's own files and addresses: a message, not a traceback
+    try:  # the caller's own files and addresses (the CA file and server list are read as the channel opens)
         if args.requests:
             requests = read_requests(args.requests)
         else:
             requests = [{"id": "0", "text": args.text, "image_bytes": args.image.read_bytes()}]
         token = read_token(args.token_file) if args.token_file else None
-        if args.tls_ca is not None:
-            args.tls_ca.read_bytes()
-        channel_target(args.server)
-    except (OSError, ValueError) as exc:
+        results = asyncio.run(classify_many(args.server, args.model, requests, top_k=args.top_k,
+                                            concurrency=args.concurrency, timeout=args.timeout, token=token,
+                                            tls_ca=args.tls_ca))
+    except (OSError, ValueError) as exc:  # a message, not a traceback; failed RPCs are answers, not raised
         print(f"mmkd-predict: {exc}", file=sys.stderr)
         return 2
-    results = asyncio.run(classify_many(args.server, args.model, requests, top_k=args.top_k,
-                                        concurrency=args.concurrency, timeout=args.timeout, token=token,
-                                        tls_ca=args.tls_ca))
     if args.requests:
         for result in results:
             print(json.dumps(result))
